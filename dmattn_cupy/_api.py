@@ -1,0 +1,76 @@
+"""Public functions: validate once, then dispatch on the array module.
+
+NumPy arrays run the reference path (dmattn_cupy._reference); CuPy arrays run the CUDA
+backend (dmattn_cupy._cuda), imported only when CuPy input arrives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from . import _reference, _topk
+from ._arrays import is_cupy
+from ._validate import require_bool, validate_attention, validate_backward, validate_topk
+
+
+def _cuda_backend() -> ModuleType:
+    if importlib.util.find_spec("dmattn_cupy._cuda") is None:
+        raise NotImplementedError(
+            "CUDA kernels (dmattn_cupy._cuda) are not available in this installation; "
+            "pass NumPy arrays to use the reference path")
+    return importlib.import_module("dmattn_cupy._cuda")
+
+
+def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=0.0,
+            return_lse=False):
+    """Dynamic-mask attention forward.
+
+    q (B, Sq, H, D); k, v (B, Sk, Hk, D) with H % Hk == 0 (query head h reads kv head
+    h // (H // Hk)); mask, bias (B|1, H|Hk|1, Sq|1, Sk), mask nonzero = keep.
+
+        s = scale * q k^T + bias;  s = softcap * tanh(s / softcap) if softcap > 0
+        s = -inf where mask == 0 or (causal) key j > i + Sk - Sq
+        out = softmax(s) v,  lse = log sum_j exp(s_ij)   (B, H, Sq)
+
+    scale defaults to 1/sqrt(D). A row with no visible key gives out = 0 and lse = -inf.
+    Returns out (q's shape and dtype), or (out, lse) when return_lse is True.
+    """
+    problem = validate_attention(q, k, v, mask, bias, scale, causal, softcap)
+    return_lse = require_bool("return_lse", return_lse)
+    if is_cupy(problem.xp):
+        return _cuda_backend().forward(q, k, v, mask, bias, problem, return_lse)
+    out, lse = _reference.forward(q, k, v, mask, bias, problem)
+    return (out, lse) if return_lse else out
+
+
+def backward(dout, q, k, v, out, lse, mask=None, bias=None, *, scale=None, causal=False,
+             softcap=0.0, deterministic=False):
+    """Gradients of forward: (dq, dk, dv, dbias).
+
+    Pass the same q, k, v, mask, bias and options as to forward, plus its out and lse.
+    dk/dv sum over the query heads of their group; dbias has the bias's own shape (summed
+    over its broadcast dims), or is None without bias. Gradients are exactly zero at
+    positions hidden by mask or causal. deterministic only affects the CUDA path (the
+    reference path is always deterministic).
+    """
+    problem = validate_attention(q, k, v, mask, bias, scale, causal, softcap)
+    validate_backward(dout, out, lse, problem)
+    deterministic = require_bool("deterministic", deterministic)
+    if is_cupy(problem.xp):
+        return _cuda_backend().backward(dout, q, k, v, out, lse, mask, bias, problem,
+                                        deterministic)
+    return _reference.backward(dout, q, k, v, out, mask, bias, problem)
+
+
+def topk_mask(bias, window, *, causal=False, block=None, mask=None):
+    """Bool mask of bias's shape keeping the `window` largest visible bias entries per row.
+
+    Entries hidden by `mask` (zero) or causal never count and are never kept; rows with fewer
+    than `window` visible keys keep all of them; ties go to the earlier key. With `block`, a
+    block of keys is kept whole when more than half of it was kept (the last partial block
+    uses its own length). Runs on NumPy or CuPy arrays alike.
+    """
+    xp = validate_topk(bias, window, causal, block, mask)
+    return _topk.topk_mask(bias, window, causal, block, mask, xp)

@@ -1,0 +1,9 @@
+"""CUDA backend: CuPy arrays in, CuPy arrays out; kernels from kernels_cu/ compiled by NVRTC.
+
+Inputs arrive validated by dmattn_cupy._validate; everything runs on CuPy's current stream.
+"""
+
+from .backward import backward
+from .forward import forward
+
+__all__ = ["forward", "backward"]

@@ -1,0 +1,107 @@
+"""Backward launcher: dq, dk, dv (and dbias) from dout and the forward's out, lse.
+
+Three launches on CuPy's current stream (kernels_cu/bwd.cu):
+  bwd_preprocess_kernel  D = rowsum(dO * O), dq_accum = 0
+  bwd_dkdv_kernel        dK, dV, dbias per key tile; dQ added into dq_accum (fp32)
+  bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
+dbias is written directly in the bias dtype when each element has one writer; when several CTAs
+share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
+into an fp32 buffer of the bias's shape, converted at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+from . import compile as nvrtc
+from . import device
+from .bwd_config import THREADS, bwd_config
+from .fill import fill_attn
+from .operands import aux_operand, element_strides, qkv_operand
+from .params import BWD_PARAMS, new_record
+
+
+def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, tiles_visited=None):
+    """See dmattn_cupy.backward. `tiles_visited` (uint64 cupy array of 1) counts the
+    (query tile x head) steps the dK/dV kernel computed, summed over key tiles."""
+    import cupy
+
+    device.current()
+    q, k, v = qkv_operand(q), qkv_operand(k), qkv_operand(v)
+    if dout.dtype != q.dtype:
+        dout = dout.astype(q.dtype)
+    if out.dtype != q.dtype:
+        out = out.astype(q.dtype)
+    dout, out = qkv_operand(dout), qkv_operand(out)
+    lse = cupy.ascontiguousarray(lse, dtype=numpy.float32)
+    B, Sq, Sk, H, Hk = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads, problem.kv_heads
+    D = problem.head_dim
+    group = H // Hk
+    m = aux_operand(mask, heads=H, kv_heads=Hk, seqlen_k=Sk, is_mask=True)
+    b = aux_operand(bias, heads=H, kv_heads=Hk, seqlen_k=Sk, is_mask=False)
+
+    dbias = dbias_accum = None
+    rows_reduced = db_atomic = False
+    if bias is not None:
+        bb, nh, bq, _ = (int(n) for n in bias.shape)
+        rows_reduced = bq == 1
+        db_atomic = (bb == 1 and B > 1) or (nh == 1 and Hk > 1)
+        # Tiles the kernel skips (all-zero mask, causal) are never written: start from zero.
+        if db_atomic:
+            dbias_accum = cupy.zeros(bias.shape, dtype=numpy.float32)
+        else:
+            dbias = cupy.zeros(bias.shape, dtype=bias.dtype)
+        db_head_div = 1 if nh == H else (group if nh == Hk else H)
+
+    cfg = bwd_config(head_dim=D, batch=B, group=group, kv_heads=Hk, seqlen_q=Sq, seqlen_k=Sk,
+                     mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
+                     bias_rows_reduced=rows_reduced, dbias_atomic=db_atomic)
+    delta = cupy.empty((B, H, Sq), dtype=numpy.float32)
+    dq_accum = cupy.empty((B, H, Sq, D), dtype=numpy.float32)  # zeroed by bwd_preprocess_kernel
+    dq = cupy.empty((B, Sq, H, D), dtype=q.dtype)
+    dk = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
+    dv = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
+    semaphores = None
+    if deterministic:
+        semaphores = cupy.zeros(max(cfg.dq_semaphores + cfg.db_semaphores, 1), dtype=numpy.int32)
+
+    rec = new_record(BWD_PARAMS)
+    fill_attn(rec, problem, q, k, v, m, b, 1)
+    rec["out"], rec["dout"] = out.data.ptr, dout.data.ptr
+    rec["o_stride"] = element_strides(out)[:3]
+    rec["do_stride"] = element_strides(dout)[:3]
+    rec["lse"], rec["delta"], rec["dq_accum"] = lse.data.ptr, delta.data.ptr, dq_accum.data.ptr
+    rec["dq"], rec["dk"], rec["dv"] = dq.data.ptr, dk.data.ptr, dv.data.ptr
+    if bias is not None:
+        target = dbias_accum if db_atomic else dbias
+        if dbias is not None:
+            rec["dbias"] = dbias.data.ptr
+        if dbias_accum is not None:
+            rec["dbias_accum"] = dbias_accum.data.ptr
+        rec["dbias_stride"] = element_strides(target)
+        rec["dbias_rows_reduced"] = int(rows_reduced)
+        rec["dbias_batch_reduced"] = int(bias.shape[0] == 1 and B > 1)
+        rec["dbias_head_div"] = db_head_div
+    else:
+        rec["dbias_head_div"] = 1
+    rec["deterministic"] = int(deterministic)
+    if semaphores is not None:
+        rec["semaphores"] = semaphores.data.ptr
+    if tiles_visited is not None:
+        rec["tiles_visited"] = tiles_visited.data.ptr
+
+    elem = nvrtc.element_type(q.dtype)
+    rows = B * H * Sq
+    pre = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_preprocess_kernel", elem))
+    nvrtc.launch(pre, (math.ceil(rows / 4),), THREADS, rec)
+    kernel = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name(
+        "bwd_dkdv_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
+        problem.softcap > 0))
+    nvrtc.launch(kernel, (cfg.n_tiles, B * Hk, cfg.tiles.d_split), THREADS, rec, cfg.smem_bytes)
+    convert = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_convert_dq_kernel", elem))
+    nvrtc.launch(convert, (math.ceil(rows / 4),), THREADS, rec)
+    if dbias_accum is not None:
+        dbias = dbias_accum.astype(bias.dtype)
+    return dq, dk, dv, dbias

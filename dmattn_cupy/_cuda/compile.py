@@ -1,0 +1,85 @@
+"""Run-time compilation of kernels_cu/ with NVRTC through cupy.RawModule.
+
+One RawModule per (source file, kernel instantiation), compiled on first use and cached for the
+process (CuPy also caches the binary on disk). The source text carries a hash of every file in
+kernels_cu/, so editing a header invalidates CuPy's disk cache as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def kernels_dir() -> Path:
+    """kernels_cu/ inside an installed wheel, else beside the package in a source checkout."""
+    for candidate in (_PACKAGE_DIR / "kernels_cu", _PACKAGE_DIR.parent / "kernels_cu"):
+        if (candidate / "params.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(f"kernels_cu/ not found next to {_PACKAGE_DIR}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(kernels_dir().glob("*.cu*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def element_type(dtype) -> str:
+    """C++ tag type of a q/k/v dtype (template argument of every kernel)."""
+    name = numpy.dtype(dtype).name
+    if name == "float16":
+        return "dmattn::fp16_t"
+    if name == "bfloat16":
+        return "dmattn::bf16_t"
+    raise TypeError(f"CUDA kernels take float16 or bfloat16 q/k/v; got {name}")
+
+
+def kernel_name(function: str, *template_args) -> str:
+    """`dmattn::fwd_kernel<dmattn::bf16_t, 128, 1, 2, true, false>` from its parts."""
+    def render(x):
+        if isinstance(x, bool):
+            return "true" if x else "false"
+        return str(x)
+    return f"dmattn::{function}<{', '.join(render(x) for x in template_args)}>"
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(source: str, name: str):
+    """The compiled kernel `name` (a kernel_name(...) string) from kernels_cu/`source`.
+
+    Its dynamic shared-memory limit is raised once to the device's opt-in maximum: the limit
+    belongs to the CUDA function, which every handle of the same compiled name shares, so it
+    is never lowered per launch (occupancy follows the bytes a launch asks for, not the limit).
+    """
+    import cupy
+
+    code = f'// kernels_cu digest {_sources_digest()}\n#include "{source}"\n'
+    module = cupy.RawModule(
+        code=code,
+        options=("-std=c++17", f"-I{kernels_dir()}"),
+        name_expressions=(name,),
+    )
+    kernel = module.get_function(name)
+    optin = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    kernel.max_dynamic_shared_size_bytes = optin - kernel.shared_size_bytes
+    return kernel
+
+
+def launch(kernel, grid, block, params, shared_mem: int = 0) -> None:
+    """Launches on CuPy's current stream; `params` is the kernel's one by-value struct.
+
+    The record is handed over as raw bytes (an unstructured void dtype of the same size):
+    CuPy then copies it as it is instead of walking the nested field list on every launch.
+    As the only argument it sits at offset 0, so the struct's alignment is kept.
+    """
+    raw = params.view(numpy.dtype((numpy.void, params.dtype.itemsize)))
+    kernel(grid, (block,), (raw,), shared_mem=shared_mem)

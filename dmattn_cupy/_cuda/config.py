@@ -1,0 +1,108 @@
+"""Tile and launch configuration: pure functions of sizes, printable and testable without a GPU.
+
+Mirrors kernels_cu/tile_traits.cuh (FwdTraits) and the shared-memory carve-up at the top of
+kernels_cu/fwd.cu; tests/test_cuda_config.py pins the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+THREADS = 128
+# Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
+# usable per SM, 1 KiB reserved per CTA).
+SMEM_PER_CTA_FOR_TWO = 113 * 1024
+
+
+def tile_head_dim(head_dim: int) -> int:
+    """The smallest tile that holds head_dim (extra columns are zero-filled, never stored)."""
+    for tile in TILE_HEAD_DIMS:
+        if head_dim <= tile:
+            return tile
+    raise ValueError(f"head_dim must be <= {TILE_HEAD_DIMS[-1]}; got {head_dim}")
+
+
+def aux_row_bytes(block_n: int, elem_bytes: int) -> int:
+    return block_n * elem_bytes + 16 if elem_bytes else 0
+
+
+@dataclass(frozen=True)
+class FwdTiles:
+    head_dim: int   # tile head dim
+    block_m: int    # query-tile rows (pack heads x block_m / pack sequence rows)
+    block_n: int    # key-tile columns
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int, has_aux: bool) -> "FwdTiles":
+        """Mirrors FwdTraits<HEAD_DIM, HAS_AUX> (has_aux: a mask or a bias is read)."""
+        tile = tile_head_dim(head_dim)
+        block_n = 64 if tile <= 64 or (tile == 128 and not has_aux) else 32
+        return cls(tile, 128 if tile <= 128 else 64, block_n)
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    tiles: FwdTiles
+    pack: int             # query heads of one GQA group per CTA
+    m_blocks: int         # query tiles per (batch, head group)
+    num_splits: int       # key-range splits (> 1: partials merged by fwd_combine_kernel)
+    tiles_per_split: int
+    stages: int           # key tiles in flight (cp.async ring of 2 or 3)
+    smem_bytes: int
+
+
+def choose_pack(group: int, block_m: int, shares_aux: bool) -> int:
+    """Heads per CTA: the largest power of two dividing the GQA group with >= 16 rows per head.
+
+    Packing is only possible when every head of the CTA reads the same mask and bias head
+    (`shares_aux`: neither is per query head); then each K/V/mask/bias tile is loaded once.
+    """
+    if not shares_aux:
+        return 1
+    pack = 1
+    while group % (pack * 2) == 0 and block_m // (pack * 2) >= 16:
+        pack *= 2
+    return pack
+
+
+# Two CTAs are resident per multiprocessor; a grid of fewer than this many waves is split.
+MIN_WAVES = 4
+
+
+def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, int]:
+    """(num_splits, tiles_per_split): split the keys when the grid is a few waves or less.
+
+    With one or two waves the slowest CTA sets the time (under causal masking the last query
+    tile has the most keys), and a grid smaller than the GPU leaves multiprocessors idle
+    (decode). Splitting the key range into chunks of >= 8 tiles evens the work; the partials
+    are merged by fwd_combine_kernel.
+    """
+    target = MIN_WAVES * 2 * sm_count
+    if base_ctas >= target or key_tiles < 16:
+        return 1, max(key_tiles, 1)
+    splits = min(math.ceil(target / base_ctas), key_tiles // 8, 256)
+    if splits <= 1:
+        return 1, key_tiles
+    per_split = math.ceil(key_tiles / splits)
+    return math.ceil(key_tiles / per_split), per_split
+
+
+def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
+               seqlen_k: int, mask_bytes: int, bias_bytes: int, shares_aux: bool,
+               sm_count: int) -> FwdConfig:
+    tiles = FwdTiles.for_head_dim(head_dim, has_aux=mask_bytes + bias_bytes > 0)
+    pack = choose_pack(group, tiles.block_m, shares_aux)
+    seq_rows = tiles.block_m // pack
+    m_blocks = math.ceil(seqlen_q / seq_rows)
+    key_tiles = math.ceil(seqlen_k / tiles.block_n)
+    splits, per_split = choose_splits(m_blocks * batch * heads // pack, key_tiles, sm_count)
+    row_bytes = 2 * (tiles.head_dim + 8)
+    stage = (
+        2 * tiles.block_n * row_bytes                                                 # K, V
+        + seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
+    )
+    fixed = tiles.block_m * row_bytes + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
+    stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2
+    return FwdConfig(tiles, pack, m_blocks, splits, per_split, stages, fixed + stages * stage)

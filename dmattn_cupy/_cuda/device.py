@@ -1,0 +1,26 @@
+"""Facts about the current CUDA device that the launchers need (cached per device)."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(device_id: int) -> tuple[int, int]:
+    import cupy
+
+    dev = cupy.cuda.Device(device_id)
+    return int(dev.compute_capability), dev.attributes["MultiProcessorCount"]
+
+
+def current() -> tuple[int, int]:
+    """(compute capability as 80/90/..., multiprocessor count); rejects GPUs older than sm_80."""
+    import cupy
+
+    capability, sm_count = _properties(cupy.cuda.Device().id)
+    if capability < 80:
+        raise RuntimeError(
+            f"dmattn_cupy's CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); "
+            f"this GPU has {capability // 10}.{capability % 10}"
+        )
+    return capability, sm_count

@@ -1,0 +1,47 @@
+"""The kernel instantiations that cover every head-dim tile, dtype and feature flag.
+
+Used by the CI compile check (tests/test_kernels_compile.py: nvcc, sm_80 and sm_90, registers
+and spills) and by `warmup()`, which compiles the same set through NVRTC ahead of first use.
+"""
+
+from __future__ import annotations
+
+from .compile import get_kernel, kernel_name
+from .config import TILE_HEAD_DIMS
+
+BF16, FP16 = "dmattn::bf16_t", "dmattn::fp16_t"
+
+# (element type, tile head dim, mask bytes, bias bytes, causal, softcap): each head dim, both
+# dtypes, mask sizes 0/1/2/4, bias sizes 0/2/4, causal and softcap each on and off.
+ATTENTION_FLAGS = (
+    (BF16, 32, 1, 2, True, False),
+    (FP16, 64, 0, 0, False, False),
+    (BF16, 64, 1, 2, True, False),
+    (FP16, 96, 2, 4, False, True),
+    (BF16, 128, 0, 0, True, False),
+    (BF16, 128, 1, 2, True, False),
+    (FP16, 128, 4, 0, False, True),
+    (BF16, 192, 1, 2, False, False),
+    (FP16, 256, 0, 4, True, True),
+    (BF16, 256, 1, 2, True, False),
+)
+assert {flags[1] for flags in ATTENTION_FLAGS} == set(TILE_HEAD_DIMS)
+
+# source file -> [(kernel name, params struct)]
+COVERING_SET = {
+    "fwd.cu": [(kernel_name("fwd_kernel", *f), "FwdParams") for f in ATTENTION_FLAGS]
+    + [(kernel_name("fwd_combine_kernel", t), "FwdParams") for t in (BF16, FP16)],
+    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams") for f in ATTENTION_FLAGS]
+    + [(kernel_name(k, t), "BwdParams") for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel")
+       for t in (BF16, FP16)],
+}
+
+
+def warmup() -> int:
+    """Compiles the covering set with NVRTC for the current GPU; returns how many kernels."""
+    count = 0
+    for source, kernels in COVERING_SET.items():
+        for name, _ in kernels:
+            get_kernel(source, name)
+            count += 1
+    return count

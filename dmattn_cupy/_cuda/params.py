@@ -1,0 +1,78 @@
+"""NumPy structured dtypes that mirror kernels_cu/params.cuh field by field.
+
+`align=True` gives each field C's natural alignment, so a record's bytes are exactly the C struct
+that the kernel receives by value. tests/test_params_layout.py compiles the header with nvcc and
+checks every offset and size against these dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+_PTR = numpy.uint64
+_I64 = numpy.int64
+_I32 = numpy.int32
+_F32 = numpy.float32
+
+ATTN_PARAMS = numpy.dtype(
+    [
+        ("q", _PTR), ("k", _PTR), ("v", _PTR), ("mask", _PTR), ("bias", _PTR),
+        ("q_stride", _I64, (3,)), ("k_stride", _I64, (3,)), ("v_stride", _I64, (3,)),
+        ("mask_stride", _I64, (4,)), ("bias_stride", _I64, (4,)),
+        ("batch", _I32), ("heads", _I32), ("kv_heads", _I32),
+        ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32),
+        ("group", _I32), ("mask_head_div", _I32), ("bias_head_div", _I32), ("pack", _I32),
+        ("mask_vec", _I32), ("bias_vec", _I32),
+        ("scale", _F32), ("scale_log2", _F32), ("softcap", _F32), ("pad0", _I32),
+    ],
+    align=True,
+)
+
+FWD_PARAMS = numpy.dtype(
+    [
+        ("a", ATTN_PARAMS),
+        ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
+        ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR),
+        ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("pad1", _I32),
+    ],
+    align=True,
+)
+
+BWD_PARAMS = numpy.dtype(
+    [
+        ("a", ATTN_PARAMS),
+        ("out", _PTR), ("dout", _PTR), ("o_stride", _I64, (3,)), ("do_stride", _I64, (3,)),
+        ("lse", _PTR), ("delta", _PTR), ("dq_accum", _PTR),
+        ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("dbias_accum", _PTR),
+        ("dbias_stride", _I64, (4,)),
+        ("dbias_rows_reduced", _I32), ("dbias_batch_reduced", _I32), ("dbias_head_div", _I32),
+        ("deterministic", _I32), ("semaphores", _PTR), ("tiles_visited", _PTR),
+        ("pad1", _I32), ("pad2", _I32),
+    ],
+    align=True,
+)
+
+# C struct name -> dtype, for the layout test.
+STRUCTS = {"AttnParams": ATTN_PARAMS, "FwdParams": FWD_PARAMS, "BwdParams": BWD_PARAMS}
+
+
+def pointer_slots(dtype: numpy.dtype, *paths: str) -> tuple[int, ...]:
+    """Indexes, in the record viewed as uint64, of the pointer fields at `paths` ("a.q", "out").
+
+    Lets a cached record get its per-call pointers with plain integer stores.
+    """
+    slots = []
+    for path in paths:
+        offset, current = 0, dtype
+        for name in path.split("."):
+            sub, off = current.fields[name][:2]
+            offset, current = offset + off, sub
+        assert offset % 8 == 0 and current == numpy.dtype(_PTR)
+        slots.append(offset // 8)
+    return tuple(slots)
+
+
+def new_record(dtype: numpy.dtype) -> numpy.ndarray:
+    """A zeroed one-element record array (null pointers, zero strides), filled field by field
+    (`rec["a"]["q"] = ...` writes through) and passed to the kernel as its by-value struct."""
+    return numpy.zeros((1,), dtype=dtype)

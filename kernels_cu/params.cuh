@@ -1,0 +1,73 @@
+// params.cuh — plain-data kernel arguments. Mirrored field by field (same order, same types) by
+// dmattn_cupy/_cuda/params.py as NumPy structured dtypes with align=True; a test compares the
+// layouts. Strides are in elements; a broadcast dimension has stride 0.
+#pragma once
+#include "types.cuh"
+
+namespace dmattn {
+
+// What forward and backward share: the inputs and the problem's shape.
+struct AttnParams {
+  const void* q;           // (B, Sq, H, D), unit stride on D
+  const void* k;           // (B, Sk, Hk, D)
+  const void* v;           // (B, Sk, Hk, D)
+  const void* mask;        // (B|1, H|Hk|1, Sq|1, Sk) or null
+  const void* bias;        // (B|1, H|Hk|1, Sq|1, Sk) or null
+  i64 q_stride[3];         // batch, row, head
+  i64 k_stride[3];
+  i64 v_stride[3];
+  i64 mask_stride[4];      // batch, head, row, key
+  i64 bias_stride[4];
+  int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
+  int group;               // heads / kv_heads: query head h reads kv head h / group
+  int mask_head_div;       // query head h reads mask head h / mask_head_div
+  int bias_head_div;
+  int pack;                // query heads of one group that share a CTA (divides group)
+  int mask_vec;            // 1: mask rows are read as aligned 16-byte chunks
+  int bias_vec;
+  float scale;             // multiplies q.k
+  float scale_log2;        // scale * log2(e)
+  float softcap;           // > 0: s = softcap * tanh(s / softcap)
+  int pad0;
+};
+
+struct FwdParams {
+  AttnParams a;
+  void* out;               // (B, Sq, H, D), input dtype
+  i64 o_stride[3];
+  float* lse;              // (B, H, Sq), contiguous
+  float* o_split;          // (splits, B*H, Sq, D) fp32 partial outputs when num_splits > 1
+  float* lse_split;        // (splits, B*H, Sq)
+  u64* tiles_visited;      // optional counter of (query tile x key tile) pairs computed
+  int num_splits;          // key-range splits (blockIdx.z)
+  int tiles_per_split;     // key tiles per split
+  int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
+  int pad1;
+};
+
+struct BwdParams {
+  AttnParams a;
+  const void* out;         // forward output, (B, Sq, H, D)
+  const void* dout;        // (B, Sq, H, D)
+  i64 o_stride[3];
+  i64 do_stride[3];
+  const float* lse;        // (B, H, Sq)
+  float* delta;            // (B, H, Sq): rowsum(dO * O), computed by bwd_preprocess
+  float* dq_accum;         // (B, Sq, H, D_TILE) fp32
+  void* dq;                // (B, Sq, H, D) contiguous, input dtype
+  void* dk;                // (B, Sk, Hk, D) contiguous
+  void* dv;                // (B, Sk, Hk, D) contiguous
+  void* dbias;             // bias's own shape, contiguous, bias dtype (null: no bias grad)
+  float* dbias_accum;      // fp32 dbias, used when dbias is reduced over batch (else null)
+  i64 dbias_stride[4];     // batch, head, row, key of dbias (or dbias_accum); 0 where reduced
+  int dbias_rows_reduced;  // 1: bias broadcasts over query rows (sum dS over rows)
+  int dbias_batch_reduced; // 1: bias broadcasts over batch (accumulate into dbias_accum)
+  int dbias_head_div;      // query head h adds into dbias head h / dbias_head_div
+  int deterministic;       // 1: dq and dbias_accum are added in a fixed order
+  int* semaphores;         // (B*H... ) ordering counters for deterministic mode
+  u64* tiles_visited;
+  int pad1;
+  int pad2;
+};
+
+}  // namespace dmattn

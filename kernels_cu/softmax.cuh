@@ -1,0 +1,77 @@
+// softmax.cuh — online softmax over the key tiles of a warp's rows, in base 2, safe at -inf.
+//
+// Scores arrive as s2 = s * log2(e) (s = the masked, capped score). For each row:
+//   m_new = max(m, max_j s2_j)            running maximum (stays -inf while every key is hidden)
+//   alpha = 2^(m - m_new)                 rescales what was summed so far
+//   p_j   = 2^(s2_j - m_new)              (m_new = -inf is replaced by 0: all p_j = 0, not NaN)
+//   l     = l * alpha + sum_j p_j ;  O = O * alpha + P V
+// Finally O / l, and lse = (m + log2 l) * ln 2; a row with l = 0 saw no key: O = 0, lse = -inf.
+#pragma once
+#include "mma.cuh"
+
+namespace dmattn {
+
+// MA mma atoms per warp, each owning rows g and g + 8 (h = 0, 1) of its 16; NA 8-key column tiles
+// of S; DA 8-wide column tiles of O. Each lane holds partial row sums; the quad holds the row.
+template <int MA, int NA, int DA>
+struct OnlineSoftmax {
+  float row_max[MA][2];
+  float row_sum[MA][2];
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int a = 0; a < MA; ++a)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) { row_max[a][h] = neg_inf(); row_sum[a][h] = 0.f; }
+  }
+
+  // Turns s2 into p in place and rescales the output accumulator. The rescale (MA*DA*4
+  // multiplies, as many as the tile's mma count) is skipped by the whole warp when no row's
+  // maximum moved, which after the first few key tiles is the common case.
+  __device__ __forceinline__ void update(float (&s)[MA][NA][4], float (&acc_o)[MA][DA][4]) {
+    float alpha[MA][2];
+    bool moved = false;
+#pragma unroll
+    for (int a = 0; a < MA; ++a) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = row_max[a][h];
+#pragma unroll
+        for (int nt = 0; nt < NA; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
+        mx = quad_max(mx);
+        const float m_use = mx == neg_inf() ? 0.f : mx;
+        alpha[a][h] = fast_exp2(row_max[a][h] - m_use);
+        moved |= mx != row_max[a][h];
+        row_max[a][h] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NA; ++nt) {
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[a][nt][e] = fast_exp2(s[a][nt][e] - m_use);
+            sum += s[a][nt][e];
+          }
+        }
+        row_sum[a][h] = row_sum[a][h] * alpha[a][h] + sum;
+      }
+    }
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int a = 0; a < MA; ++a)
+#pragma unroll
+        for (int dt = 0; dt < DA; ++dt) {
+          acc_o[a][dt][0] *= alpha[a][0]; acc_o[a][dt][1] *= alpha[a][0];
+          acc_o[a][dt][2] *= alpha[a][1]; acc_o[a][dt][3] *= alpha[a][1];
+        }
+    }
+  }
+
+  // 1 / l for the row (0 for a row that saw no key) and its natural-log lse; reduces over the quad.
+  __device__ __forceinline__ void finish(int a, int h, float& inv_l, float& lse) const {
+    const float l = quad_sum(row_sum[a][h]);
+    inv_l = l > 0.f ? 1.f / l : 0.f;
+    lse = l > 0.f ? row_max[a][h] * kLn2 + logf(l) : neg_inf();
+  }
+};
+
+}  // namespace dmattn

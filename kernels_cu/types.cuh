@@ -1,0 +1,109 @@
+// types.cuh — element types of q/k/v (fp16, bf16) and their conversions.
+//
+// Written with PTX instead of <cuda_fp16.h>/<cuda_bf16.h> so that the same sources compile under
+// NVRTC (no CUDA include path needed) and under nvcc (CI's compile check). Storage is raw 16-bit.
+#pragma once
+
+namespace dmattn {
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// Each element type names the mma.sync flavour and how to pack two floats into one register.
+struct fp16_t {
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ float to_float(u16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+  }
+};
+
+struct bf16_t {
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  static __device__ __forceinline__ float to_float(u16 x) {
+    return __uint_as_float(static_cast<u32>(x) << 16);
+  }
+};
+
+// Raw storage of a mask or bias element of BYTES bytes.
+template <int BYTES> struct Raw;
+template <> struct Raw<1> { typedef unsigned char type; };
+template <> struct Raw<2> { typedef u16 type; };
+template <> struct Raw<4> { typedef u32 type; };
+
+// A bias element as float: 16-bit biases have the q/k/v element type T, 32-bit ones are float32.
+template <typename T> __device__ __forceinline__ float bias_to_float(u16 x) { return T::to_float(x); }
+template <typename T> __device__ __forceinline__ float bias_to_float(u32 x) { return __uint_as_float(x); }
+
+// Two neighbouring bias elements (keys 2c, 2c + 1) as floats, in one shared-memory load.
+template <typename T> __device__ __forceinline__ float2 bias_pair(const u16* row, int c) {
+  const u32 x = reinterpret_cast<const u32*>(row)[c];
+  return make_float2(T::to_float(static_cast<u16>(x & 0xffffu)), T::to_float(static_cast<u16>(x >> 16)));
+}
+template <typename T> __device__ __forceinline__ float2 bias_pair(const u32* row, int c) {
+  return reinterpret_cast<const float2*>(row)[c];
+}
+
+// A mask element is "keep" when any bit other than a float sign bit is set: bool/uint8/int8 (1 byte),
+// float16/bfloat16 (2 bytes, -0.0 counts as zero), float32 (4 bytes, likewise).
+__device__ __forceinline__ bool mask_keep(unsigned char x) { return x != 0; }
+__device__ __forceinline__ bool mask_keep(u16 x) { return (x & 0x7fffu) != 0; }
+__device__ __forceinline__ bool mask_keep(u32 x) { return (x & 0x7fffffffu) != 0; }
+
+// keep flags of two neighbouring mask elements (keys 2c, 2c + 1), in one shared-memory load.
+__device__ __forceinline__ void mask_pair(const unsigned char* row, int c, bool& k0, bool& k1) {
+  const u16 x = reinterpret_cast<const u16*>(row)[c];
+  k0 = (x & 0xffu) != 0;
+  k1 = (x >> 8) != 0;
+}
+__device__ __forceinline__ void mask_pair(const u16* row, int c, bool& k0, bool& k1) {
+  const u32 x = reinterpret_cast<const u32*>(row)[c];
+  k0 = (x & 0x7fffu) != 0;
+  k1 = (x & 0x7fff0000u) != 0;
+}
+__device__ __forceinline__ void mask_pair(const u32* row, int c, bool& k0, bool& k1) {
+  const uint2 x = reinterpret_cast<const uint2*>(row)[c];
+  k0 = (x.x & 0x7fffffffu) != 0;
+  k1 = (x.y & 0x7fffffffu) != 0;
+}
+
+// True when any element of a 16-byte chunk of mask elements is "keep".
+template <int BYTES> __device__ __forceinline__ bool chunk_any_keep(uint4 c) {
+  if (BYTES == 1) return (c.x | c.y | c.z | c.w) != 0u;
+  const u32 m = BYTES == 2 ? 0x7fff7fffu : 0x7fffffffu;
+  return ((c.x & m) | (c.y & m) | (c.z & m) | (c.w & m)) != 0u;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// 2^x on the special-function unit; 2^-inf = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// tanh(x) = 1 - 2 / (e^{2x} + 1) on the special-function unit (absolute error ~1e-6; exact limits
+// +-1 at +-inf). Far fewer registers than tanhf, which matters inside the attention tiles.
+__device__ __forceinline__ float fast_tanh(float x) {
+  return 1.f - __fdividef(2.f, fast_exp2(x * 2.8853900817779268f) + 1.f);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Bias values are clamped here before the log2(e) fold, so the dtype minimum (what users write for
+// "masked") stays finite: rows of equal huge-negative scores still give a uniform softmax.
+constexpr float kBiasFloor = -1.0e38f;
+
+}  // namespace dmattn

@@ -1,0 +1,256 @@
+"""CUDA backward kernels against the float64 oracle (tests/gpu_reference.py backward).
+
+The forward comes from the CUDA path (out, lse); dout is random. Outputs are poisoned first (the
+memory pool is filled with NaN), so an element the kernels fail to write shows up as NaN. Skipped
+cleanly without CuPy or a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    _HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver / no device
+    _HAS_GPU = False
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_GPU, reason="needs a CUDA GPU")]
+
+import dmattn_cupy  # noqa: E402
+import gpu_reference as ref  # noqa: E402
+
+TOL = {"float16": 1e-2, "bfloat16": 5e-2}
+DTYPES = ["bfloat16", "float16"]
+NAMES = ("dq", "dk", "dv", "dbias")
+
+
+def poison_pool(nbytes: int = 1 << 28) -> None:
+    """Fills free pool memory with NaN so unwritten outputs are caught."""
+    x = cupy.full(nbytes // 4, numpy.nan, dtype=numpy.float32)
+    del x
+
+
+def rel_err(x, y) -> float:
+    x = x.astype(cupy.float64)
+    y = y.astype(cupy.float64)
+    denom = float(cupy.linalg.norm(y.ravel()))
+    if denom == 0.0:
+        return float(cupy.abs(x).max()) if x.size else 0.0
+    return float(cupy.linalg.norm((x - y).ravel())) / denom
+
+
+def randn(shape, dtype, scale=1.0):
+    return (cupy.random.standard_normal(shape, dtype=cupy.float32) * scale).astype(dtype)
+
+
+def make_inputs(B, Sq, Sk, H, Hk, D, dtype, mask_shape=None, bias_shape=None, density=0.7,
+                mask_dtype=bool, bias_dtype=None):
+    q, k, v = randn((B, Sq, H, D), dtype), randn((B, Sk, Hk, D), dtype), randn((B, Sk, Hk, D), dtype)
+    mask = bias = None
+    if mask_shape is not None:
+        mask = (cupy.random.random(mask_shape) < density).astype(mask_dtype)
+    if bias_shape is not None:
+        bias = randn(bias_shape, bias_dtype or dtype)
+    return q, k, v, mask, bias
+
+
+def run_backward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None,
+                 deterministic=False, dout=None):
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, scale=scale, causal=causal,
+                                   softcap=softcap, return_lse=True)
+    if dout is None:
+        dout = randn(q.shape, q.dtype)
+    poison_pool()
+    grads = dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, scale=scale, causal=causal,
+                                 softcap=softcap, deterministic=deterministic)
+    return dout, grads
+
+
+def check_backward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None,
+                   deterministic=False):
+    dout, grads = run_backward(q, k, v, mask, bias, causal=causal, softcap=softcap, scale=scale,
+                               deterministic=deterministic)
+    want = ref.backward(dout, q, k, v, mask, bias, scale=scale, causal=causal, softcap=softcap)
+    tol = TOL[numpy.dtype(q.dtype).name]
+    for name, got, exp, like in zip(NAMES, grads, want, (q, k, v, bias)):
+        if like is None:
+            assert got is None, f"{name} must be None without bias"
+            continue
+        assert got.shape == like.shape and got.dtype == like.dtype, name
+        assert not bool(cupy.isnan(got).any()), f"NaN (or an unwritten element) in {name}"
+        err = rel_err(got, exp)
+        assert err <= tol, f"{name} relative error {err:.2e}"
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 192, 256])
+def test_head_dims(D, dtype):
+    q, k, v, mask, bias = make_inputs(2, 129, 200, 4, 2, D, dtype, (2, 2, 129, 200), (2, 2, 129, 200))
+    check_backward(q, k, v, mask, bias, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_head_dims_plain(D, dtype):
+    q, k, v, _, _ = make_inputs(1, 150, 170, 2, 1, D, dtype)
+    check_backward(q, k, v, None, None)
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("aux_heads", ["H", "Hk", "1"])
+def test_gqa_and_head_broadcast(group, aux_heads):
+    Hk = 2
+    H = Hk * group
+    n = {"H": H, "Hk": Hk, "1": 1}[aux_heads]
+    q, k, v, mask, bias = make_inputs(2, 100, 150, H, Hk, 64, "bfloat16", (2, n, 100, 150), (2, n, 100, 150))
+    check_backward(q, k, v, mask, bias)
+
+
+BIAS_SHAPES = [(2, 4, 37, 300), (2, 2, 37, 300), (1, 1, 37, 300), (2, 1, 1, 300), (1, 4, 1, 300),
+               (2, 2, 1, 300), (1, 2, 37, 300), (2, 1, 37, 300), (1, 1, 1, 300)]
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bias_broadcast_shapes(shape, dtype):
+    """Every dbias reduction: per query head, per kv head (group sum), one head over several kv
+    heads (atomics), over rows (column sums), over batch (atomics)."""
+    q, k, v, mask, bias = make_inputs(2, 37, 300, 4, 2, 64, dtype, (2, 4, 37, 300), shape)
+    check_backward(q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES)
+def test_bias_broadcast_shapes_causal_float32(shape):
+    q, k, v, _, bias = make_inputs(2, 37, 300, 4, 2, 64, "float16", None, shape, bias_dtype=numpy.float32)
+    check_backward(q, k, v, None, bias, causal=True)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 37, 300), (1, 4, 37, 300), (2, 1, 37, 300), (2, 4, 1, 300), (1, 1, 1, 300), (1, 2, 37, 300), (2, 2, 1, 300)],
+)
+def test_mask_broadcast_shapes(shape):
+    q, k, v, mask, bias = make_inputs(2, 37, 300, 4, 2, 64, "float16", shape, (2, 4, 37, 300))
+    check_backward(q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 1000), (37, 129), (129, 37), (1000, 1000), (300, 64), (64, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_and_causal(Sq, Sk, causal):
+    q, k, v, mask, bias = make_inputs(1, Sq, Sk, 4, 1, 64, "bfloat16", (1, 1, Sq, Sk), (1, 1, Sq, Sk))
+    check_backward(q, k, v, mask, bias, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_softcap_and_scale(dtype, D):
+    q, k, v, mask, bias = make_inputs(2, 77, 130, 4, 4, D, dtype, (2, 4, 77, 130), (2, 4, 77, 130))
+    check_backward(q, k, v, mask, bias, softcap=5.0, scale=0.3, causal=True)
+
+
+def test_float_mask_and_float32_bias():
+    q, k, v, mask, bias = make_inputs(1, 70, 90, 2, 1, 64, "bfloat16", (1, 1, 70, 90), (1, 1, 70, 90),
+                                      mask_dtype=numpy.float32, bias_dtype=numpy.float32)
+    check_backward(q, k, v, mask, bias)
+    check_backward(q, k, v, mask.astype(numpy.float16), bias)
+
+
+def test_empty_rows_and_all_zero_mask():
+    q, k, v, mask, bias = make_inputs(1, 64, 128, 2, 1, 64, "float16", (1, 1, 64, 128), (1, 1, 64, 128))
+    mask[:, :, ::3] = False  # every third row sees nothing
+    dq, dk, dv, dbias = check_backward(q, k, v, mask, bias)
+    assert bool((dq[:, ::3] == 0).all()) and bool((dbias[:, :, ::3] == 0).all())
+    dq, dk, dv, dbias = run_backward(q, k, v, cupy.zeros_like(mask), bias)[1]
+    for name, x in zip(NAMES, (dq, dk, dv, dbias)):
+        assert bool((x == 0).all()), f"{name} must be zero when nothing is visible"
+    # causal with Sq > Sk: the first Sq - Sk rows see no key
+    q2 = randn((1, 100, 2, 64), "float16")
+    dq, _, _, _ = check_backward(q2, k[:, :40], v[:, :40], None, None, causal=True)
+    assert bool((dq[:, :60] == 0).all())
+
+
+def test_hidden_positions_have_zero_dbias():
+    q, k, v, mask, bias = make_inputs(2, 50, 90, 2, 2, 64, "bfloat16", (2, 2, 50, 90), (2, 2, 50, 90))
+    dbias = check_backward(q, k, v, mask, bias, causal=True)[3]
+    i = cupy.arange(50)[:, None]
+    j = cupy.arange(90)[None, :]
+    hidden = (mask == 0) | (j > i + 90 - 50)
+    assert bool((dbias[hidden] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_min_value_bias(dtype):
+    q, k, v, mask, bias = make_inputs(1, 50, 70, 2, 1, 64, dtype, None, (1, 1, 50, 70))
+    lowest = float(numpy.finfo(numpy.float16).min) if dtype == "float16" else -3.3895313892515355e38
+    bias[:, :, :, ::2] = lowest
+    check_backward(q, k, v, None, bias)
+    bias[:, :, :10, :] = lowest  # rows whose every key has the minimum bias: no NaN
+    dout, grads = run_backward(q, k, v, None, bias)
+    for name, x in zip(NAMES, grads):
+        assert not bool(cupy.isnan(x).any()), name
+
+
+def test_non_contiguous_views():
+    B, S, H, D = 2, 90, 4, 64
+    qkv = randn((B, S, 3, H, D), "bfloat16")
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    mask = cupy.broadcast_to(cupy.random.random((1, 1, S, S)) < 0.5, (B, H, S, S))
+    check_backward(q, k, v, mask, None, causal=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 300, 300), (1, 1, 300, 300), (2, 1, 1, 300), (1, 4, 300, 300)])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_deterministic_is_bitwise_repeatable(shape, D):
+    q, k, v, mask, bias = make_inputs(2, 300, 300, 4, 2, D, "bfloat16", (2, 1, 300, 300), shape)
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=True, return_lse=True)
+    dout = randn(q.shape, q.dtype)
+    runs = [dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, causal=True, deterministic=True)
+            for _ in range(3)]
+    for name, a, b, c in zip(NAMES, *runs):
+        assert bool((a.view(numpy.uint16) == b.view(numpy.uint16)).all()), name
+        assert bool((a.view(numpy.uint16) == c.view(numpy.uint16)).all()), name
+    want = ref.backward(dout, q, k, v, mask, bias, causal=True)
+    for name, got, exp in zip(NAMES, runs[0], want):
+        assert rel_err(got, exp) <= TOL["bfloat16"], name
+
+
+def test_skipping_follows_the_mask():
+    """Zeroing half of the query rows halves the (query tile x head) steps the backward computes,
+    and the gradients still match."""
+    from dmattn_cupy._cuda.backward import backward as cuda_backward
+    from dmattn_cupy._validate import validate_attention
+
+    S = 1024
+    q, k, v, _, bias = make_inputs(1, S, S, 2, 1, 64, "bfloat16", None, (1, 1, S, S))
+    full = cupy.ones((1, 1, S, S), dtype=bool)
+    half = full.copy()
+    half[:, :, S // 2:] = False
+    dout = randn(q.shape, q.dtype)
+
+    def visited(mask):
+        out, lse = dmattn_cupy.forward(q, k, v, mask, bias, return_lse=True)
+        counter = cupy.zeros(1, dtype=numpy.uint64)
+        problem = validate_attention(q, k, v, mask, bias, None, False, 0.0)
+        cuda_backward(dout, q, k, v, out, lse, mask, bias, problem, False, tiles_visited=counter)
+        return int(counter.get()[0])
+
+    n_full, n_half = visited(full), visited(half)
+    assert n_full > 0 and n_half * 2 == n_full
+    assert visited(cupy.zeros_like(full)) == 0
+    check_backward(q, k, v, half, bias)
+
+
+def test_runs_on_current_stream():
+    q, k, v, mask, bias = make_inputs(1, 256, 256, 2, 1, 64, "bfloat16", (1, 1, 256, 256), (1, 1, 256, 256))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        out, lse = dmattn_cupy.forward(q, k, v, mask, bias, return_lse=True)
+        dout = randn(q.shape, q.dtype)
+        grads = dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias)
+        stream.synchronize()
+    want = ref.backward(dout, q, k, v, mask, bias)
+    for name, got, exp in zip(NAMES, grads, want):
+        assert rel_err(got, exp) <= TOL["bfloat16"], name

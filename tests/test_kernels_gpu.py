@@ -1,0 +1,207 @@
+"""CUDA kernels against a float64 oracle (tests/gpu_reference.py), fresh random inputs each test.
+
+Outputs are poisoned first: the memory pool is filled with NaN before every call, so an element
+a kernel fails to write shows up as NaN. Skipped cleanly without CuPy or a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    _HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
+except Exception:  # no driver / no device
+    _HAS_GPU = False
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_GPU, reason="needs a CUDA GPU")]
+
+import dmattn_cupy  # noqa: E402
+import gpu_reference as ref  # noqa: E402
+
+TOL = {"float16": 3e-3, "bfloat16": 2e-2}
+DTYPES = ["bfloat16", "float16"]
+
+
+def poison_pool(nbytes: int = 1 << 28) -> None:
+    """Fills free pool memory with NaN so unwritten outputs are caught."""
+    x = cupy.full(nbytes // 4, numpy.nan, dtype=numpy.float32)
+    del x
+
+
+def rel_err(x, y) -> float:
+    x = x.astype(cupy.float64)
+    y = y.astype(cupy.float64)
+    denom = float(cupy.linalg.norm(y.ravel()))
+    return float(cupy.linalg.norm((x - y).ravel())) / max(denom, 1e-30)
+
+
+def randn(shape, dtype, scale=1.0):
+    return (cupy.random.standard_normal(shape, dtype=cupy.float32) * scale).astype(dtype)
+
+
+def make_inputs(B, Sq, Sk, H, Hk, D, dtype, mask_shape=None, bias_shape=None, density=0.7,
+                mask_dtype=bool, bias_dtype=None):
+    q, k, v = randn((B, Sq, H, D), dtype), randn((B, Sk, Hk, D), dtype), randn((B, Sk, Hk, D), dtype)
+    mask = bias = None
+    if mask_shape is not None:
+        mask = (cupy.random.random(mask_shape) < density).astype(mask_dtype)
+    if bias_shape is not None:
+        bias = randn(bias_shape, bias_dtype or dtype)
+    return q, k, v, mask, bias
+
+
+def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None):
+    poison_pool()
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, scale=scale, causal=causal,
+                                   softcap=softcap, return_lse=True)
+    want_out, want_lse = ref.forward(q, k, v, mask, bias, scale=scale, causal=causal, softcap=softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == numpy.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert not bool(cupy.isnan(out).any()), "NaN (or an unwritten element) in out"
+    assert not bool(cupy.isnan(lse).any()), "NaN (or an unwritten element) in lse"
+    err = rel_err(out, want_out)
+    assert err <= TOL[numpy.dtype(q.dtype).name], f"out relative error {err:.2e}"
+    finite = cupy.isfinite(want_lse)
+    assert bool((cupy.isfinite(lse) == finite).all()), "lse = -inf exactly on rows with no visible key"
+    # Bias below -1e38 is clamped to -1e38 (kernels_cu/types.cuh, kBiasFloor) so that scores stay
+    # finite in base 2: rows made only of such keys keep their softmax (uniform) and report an lse
+    # at that floor instead of at -3.4e38.
+    ordinary = finite & (want_lse > -1e37)
+    assert bool((lse[finite & ~ordinary] <= -1e37).all())
+    if bool(ordinary.any()):
+        assert float(cupy.abs(lse - want_lse)[ordinary].max()) < 2e-2
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 160, 192, 256])
+def test_head_dims(D, dtype):
+    q, k, v, mask, bias = make_inputs(2, 129, 200, 4, 2, D, dtype, (2, 2, 129, 200), (2, 2, 129, 200))
+    check_forward(q, k, v, mask, bias, causal=True)
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("aux_heads", ["H", "Hk", "1"])
+def test_gqa_and_head_broadcast(group, aux_heads):
+    Hk = 2
+    H = Hk * group
+    n = {"H": H, "Hk": Hk, "1": 1}[aux_heads]
+    q, k, v, mask, bias = make_inputs(2, 100, 150, H, Hk, 64, "bfloat16", (2, n, 100, 150), (2, n, 100, 150))
+    check_forward(q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 37, 300), (1, 4, 37, 300), (2, 1, 37, 300), (2, 4, 1, 300), (1, 1, 1, 300), (1, 2, 37, 300), (2, 2, 1, 300)],
+)
+@pytest.mark.parametrize("which", ["mask", "bias", "both"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_broadcast_shapes(shape, which, causal):
+    mshape = shape if which in ("mask", "both") else None
+    bshape = shape if which in ("bias", "both") else None
+    q, k, v, mask, bias = make_inputs(2, 37, 300, 4, 2, 64, "float16", mshape, bshape)
+    check_forward(q, k, v, mask, bias, causal=causal)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 1000), (37, 129), (129, 37), (1000, 1000), (300, 64), (64, 300), (16, 5000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_and_causal(Sq, Sk, causal):
+    q, k, v, mask, bias = make_inputs(1, Sq, Sk, 4, 1, 64, "bfloat16", (1, 1, Sq, Sk), (1, 1, Sq, Sk))
+    check_forward(q, k, v, mask, bias, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_and_scale(dtype):
+    q, k, v, mask, bias = make_inputs(2, 77, 130, 4, 4, 128, dtype, (2, 4, 77, 130), (2, 4, 77, 130))
+    check_forward(q, k, v, mask, bias, softcap=5.0, scale=0.3, causal=True)
+
+
+def test_float_mask_and_float32_bias():
+    q, k, v, mask, bias = make_inputs(1, 70, 90, 2, 1, 64, "bfloat16", (1, 1, 70, 90), (1, 1, 70, 90),
+                                      mask_dtype=numpy.float32, bias_dtype=numpy.float32)
+    check_forward(q, k, v, mask, bias)
+    check_forward(q, k, v, mask.astype(numpy.float16), bias)
+
+
+def test_empty_rows_and_all_zero_mask():
+    q, k, v, mask, bias = make_inputs(1, 64, 128, 2, 1, 64, "float16", (1, 1, 64, 128), (1, 1, 64, 128))
+    mask[:, :, ::3] = False  # every third row sees nothing
+    out, lse = check_forward(q, k, v, mask, bias)
+    assert bool((out[:, ::3] == 0).all()) and bool(cupy.isneginf(lse[:, :, ::3]).all())
+    out, lse = check_forward(q, k, v, cupy.zeros_like(mask), bias)
+    assert bool((out == 0).all()) and bool(cupy.isneginf(lse).all())
+    # causal with Sq > Sk: the first Sq - Sk rows see no key
+    q2 = randn((1, 100, 2, 64), "float16")
+    out, lse = check_forward(q2, k[:, :40], v[:, :40], None, None, causal=True)
+    assert bool((out[:, :60] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_min_value_bias(dtype):
+    q, k, v, mask, bias = make_inputs(1, 50, 70, 2, 1, 64, dtype, None, (1, 1, 50, 70))
+    lowest = float(numpy.finfo(numpy.float16).min) if dtype == "float16" else -3.3895313892515355e38
+    bias[:, :, :, ::2] = lowest
+    bias[:, :, :10, :] = lowest  # rows whose every key has the minimum bias: uniform softmax
+    check_forward(q, k, v, None, bias)
+    b32 = bias.astype(numpy.float32)
+    b32[:, :, :10, :] = numpy.finfo(numpy.float32).min
+    check_forward(q, k, v, None, b32)
+
+
+def test_non_contiguous_views_and_expanded_mask():
+    B, S, H, D = 2, 90, 4, 64
+    qkv = randn((B, S, 3, H, D), "bfloat16")
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    bias_row = randn((B, 1, 1, S), "bfloat16")
+    bias = cupy.broadcast_to(bias_row, (B, H, S, S))  # zero strides, not materialized
+    mask = cupy.broadcast_to(cupy.random.random((1, 1, S, S)) < 0.5, (B, H, S, S))
+    check_forward(q, k, v, mask, bias, causal=True)
+    # head-first (B, H, S, D) storage transposed to (B, S, H, D)
+    qh = randn((B, H, S, D), "bfloat16")
+    check_forward(qh.transpose(0, 2, 1, 3), k, v, mask, bias)
+
+
+def test_decode_long_keys_split():
+    Sk = 70_000
+    q, k, v, mask, bias = make_inputs(1, 1, Sk, 2, 1, 64, "bfloat16", (1, 1, 1, Sk), (1, 1, 1, Sk), density=0.01)
+    check_forward(q, k, v, mask, bias, causal=True)
+    q, k, v, _, _ = make_inputs(2, 4, 20_000, 8, 2, 128, "float16")
+    check_forward(q, k, v, None, None)
+
+
+def test_skipping_follows_the_mask():
+    """Zeroing half of the key tiles halves the tiles the kernel computes (counter), and the
+    result still matches."""
+    from dmattn_cupy._cuda.forward import forward as cuda_forward
+    from dmattn_cupy._validate import validate_attention
+
+    S = 1024
+    q, k, v, _, bias = make_inputs(1, S, S, 2, 1, 64, "bfloat16", None, (1, 1, S, S))
+    full = cupy.ones((1, 1, S, S), dtype=bool)
+    half = full.copy()
+    half[..., S // 2:] = False
+
+    def visited(mask):
+        counter = cupy.zeros(1, dtype=numpy.uint64)
+        problem = validate_attention(q, k, v, mask, bias, None, False, 0.0)
+        cuda_forward(q, k, v, mask, bias, problem, False, tiles_visited=counter)
+        return int(counter.get()[0])
+
+    n_full, n_half = visited(full), visited(half)
+    assert n_full > 0 and n_half * 2 == n_full
+    assert visited(cupy.zeros_like(full)) == 0
+    check_forward(q, k, v, half, bias)
+
+
+def test_runs_on_current_stream():
+    q, k, v, mask, bias = make_inputs(1, 256, 256, 2, 1, 64, "bfloat16", (1, 1, 256, 256), (1, 1, 256, 256))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        out = dmattn_cupy.forward(q, k, v, mask, bias)
+        stream.synchronize()
+    want, _ = ref.forward(q, k, v, mask, bias)
+    assert rel_err(out, want) <= TOL["bfloat16"]
