@@ -29,6 +29,7 @@ import datetime as _dt
 import os
 import re
 import subprocess
+import signal
 import sys
 import time
 import warnings
@@ -343,17 +344,23 @@ def main(argv=None) -> int:
     records: list[dict] = []
     progress = Progress(len(configs) * len(names) * len(passes))
     checked: dict = {}
-    for cfg in configs:
-        checks: dict = {}
-        if not args.no_check:
-            key = (cfg.small().bias_shape, cfg.small().q_shape, cfg.mask, cfg.density, cfg.window)
-            if key not in checked:
-                checked[key] = check_config(cfg, names, passes)
-            checks = checked[key]
-        tc = time.time()
-        records += bench_config(cfg, names, passes, base, timing, progress, checks)
-        print(f"[bench] {cfg.name} done in {time.time() - tc:.1f} s "
-              f"(total {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    # A run stopped from outside (SIGTERM, e.g. `timeout`) still writes the configs it finished.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        for cfg in configs:
+            checks: dict = {}
+            if not args.no_check:
+                key = (cfg.small().bias_shape, cfg.small().q_shape, cfg.mask, cfg.density, cfg.window)
+                if key not in checked:
+                    checked[key] = check_config(cfg, names, passes)
+                checks = checked[key]
+            tc = time.time()
+            records += bench_config(cfg, names, passes, base, timing, progress, checks)
+            print(f"[bench] {cfg.name} done in {time.time() - tc:.1f} s "
+                  f"(total {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"[stopped] after {time.time() - t0:.0f} s: writing the configs finished so far",
+              file=sys.stderr, flush=True)
     progress.close()
 
     for p in passes:

@@ -20,8 +20,9 @@ struct BwdTraits {
   static constexpr int kBlockN = 16 * kWarps;                 // keys per CTA
   static constexpr int kDSplit = HEAD_DIM > 128 ? 2 : 1;      // CTAs along the head dim
   static constexpr int kDOut = HEAD_DIM / kDSplit;            // output columns per CTA
-  // Query rows per step: S^T and dP^T (16 x kBlockM per warp) live beside dK and dV.
-  static constexpr int kBlockM = kDOut <= 64 ? 64 : 32;
+  // Query rows per step: S^T and dP^T (16 x kBlockM per warp) live beside dK and dV (kDOut fp32
+  // per lane); 32 rows at kDOut = 128 spill 24-52 bytes with mask + bias (+ softcap), 16 do not.
+  static constexpr int kBlockM = kDOut <= 64 ? 64 : kDOut <= 96 ? 32 : 16;
   static constexpr int kNAtoms = kBlockM / 8;                 // 8-row column tiles of S^T
   static constexpr int kKSteps = HEAD_DIM / 16;               // k16 steps of K Q^T and V dO^T
   static constexpr int kOutAtoms = kDOut / 8;                 // 8-wide column tiles of dK, dV

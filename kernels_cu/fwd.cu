@@ -27,15 +27,16 @@
 #include "params.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
+#include "tile_mma.cuh"
 
 namespace dmattn {
 
-template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
+template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP, bool WGMMA>
 __global__ void __launch_bounds__(128)
 fwd_kernel(const __grid_constant__ FwdParams p) {
-  typedef FwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0> Tr;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads, ST = Tr::kStride;
-  constexpr int MA = Tr::kMAtoms, NA = Tr::kNAtoms, DA = Tr::kDAtoms, KS = Tr::kKSteps;
+  typedef typename FwdTiles<T, HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0, WGMMA>::type Tiles;
+  constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN, NT = 128;
+  constexpr int MA = Tiles::MA, NA = Tiles::NA, DA = Tiles::DA;
   constexpr int kMaskRow = MASK_BYTES ? aux_row_bytes(BN, MASK_BYTES) : 0;
   constexpr int kBiasRow = BIAS_BYTES ? aux_row_bytes(BN, BIAS_BYTES) : 0;
   typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
@@ -57,11 +58,12 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   const int t_begin = min(n_tiles, split * p.tiles_per_split);
   const int t_end = min(n_tiles, t_begin + p.tiles_per_split);
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int kKVBytes = BN * ST * 2;
-  const int stage_bytes = 2 * kKVBytes + seq_rows * (kMaskRow + kBiasRow);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  constexpr int kKVBytes = Tiles::tile_bytes(BN);
+  constexpr int kAlign = Tiles::kStageAlign;
+  const int stage_bytes = (2 * kKVBytes + seq_rows * (kMaskRow + kBiasRow) + kAlign - 1) / kAlign * kAlign;
   u16* sQ = reinterpret_cast<u16*>(smem);
-  unsigned char* sStages = smem + BM * ST * 2;
+  unsigned char* sStages = smem + Tiles::tile_bytes(BM);
   u32* sBits = reinterpret_cast<u32*>(sStages + p.stages * stage_bytes);
   auto sK = [&](int st) { return reinterpret_cast<u16*>(sStages + st * stage_bytes); };
   auto sV = [&](int st) { return reinterpret_cast<u16*>(sStages + st * stage_bytes + kKVBytes); };
@@ -97,10 +99,10 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   // ---- copies of key tile t (K, V, mask, bias) into stage st
   auto load_tile = [&](int t, int st) {
     const int n0 = t * BN;
-    load_head_rows<HEAD_DIM, BN, NT>(sK(st), a.head_dim, a.k, [&](int r) -> const u16* {
+    Tiles::template load<BN>(sK(st), a.head_dim, a.k, [&](int r) -> const u16* {
       return n0 + r < a.seqlen_k ? k + static_cast<i64>(n0 + r) * a.k_stride[1] : nullptr;
     });
-    load_head_rows<HEAD_DIM, BN, NT>(sV(st), a.head_dim, a.v, [&](int r) -> const u16* {
+    Tiles::template load<BN>(sV(st), a.head_dim, a.v, [&](int r) -> const u16* {
       return n0 + r < a.seqlen_k ? v + static_cast<i64>(n0 + r) * a.v_stride[1] : nullptr;
     });
     if constexpr (MASK_BYTES > 0)
@@ -112,7 +114,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   };
 
   // Tile row r is query head h0 + r / seq_rows at sequence row m0 + r % seq_rows.
-  load_head_rows<HEAD_DIM, BM, NT>(sQ, a.head_dim, a.q, [&](int r) -> const u16* {
+  Tiles::template load<BM>(sQ, a.head_dim, a.q, [&](int r) -> const u16* {
     const int row = m0 + r % seq_rows;
     return row < a.seqlen_q
         ? q + static_cast<i64>(row) * a.q_stride[1] + static_cast<i64>(h0 + r / seq_rows) * a.q_stride[2]
@@ -149,6 +151,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   int stage = 0, load_stage = p.stages - 1;
   for (int t = next_tile(t_begin); t < t_end; t = next_tile(t + 1)) {
     if (p.stages == 3) cp_async_wait<1>(); else cp_async_wait<0>();
+    Tiles::copies_visible();
     __syncthreads();
     if (t_load < t_end) {
       load_tile(t_load, load_stage);
@@ -162,31 +165,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
 
     // S = Q K_t^T
     float s[MA][NA][4];
-#pragma unroll
-    for (int at = 0; at < MA; ++at)
-#pragma unroll
-      for (int nt = 0; nt < NA; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[at][nt][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      u32 qa[MA][4];
-#pragma unroll
-      for (int at = 0; at < MA; ++at)
-        ldmatrix_x4(qa[at], smem_u32(sQ + (warp_row0 + at * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * ST +
-                                     ks * 16 + (lane >> 4) * 8));
-#pragma unroll
-      for (int np = 0; np < NA / 2; ++np) {
-        u32 kb[4];
-        ldmatrix_x4(kb, smem_u32(sKt + (np * 16 + (lane % 8) + (lane >> 4) * 8) * ST + ks * 16 +
-                                 ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int at = 0; at < MA; ++at) {
-          mma_16816<T>(s[at][2 * np], qa[at], kb[0], kb[1]);
-          mma_16816<T>(s[at][2 * np + 1], qa[at], kb[2], kb[3]);
-        }
-      }
-    }
+    Tiles::qk(s, sQ, sKt, warp_row0, lane);
 
     // s2 = log2(e) * mask(softcap(scale * s + bias)); hidden positions get -inf.
     const int n0 = t * BN;
@@ -222,29 +201,8 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
       }
     softmax.update(s, acc_o);
 
-    // O += P V_t, P taken from the S accumulator as the A operand (16 keys per k-step).
-#pragma unroll
-    for (int kk = 0; kk < NA / 2; ++kk) {
-      u32 pa[MA][4];
-#pragma unroll
-      for (int at = 0; at < MA; ++at) {
-        pa[at][0] = T::pack(s[at][2 * kk][0], s[at][2 * kk][1]);
-        pa[at][1] = T::pack(s[at][2 * kk][2], s[at][2 * kk][3]);
-        pa[at][2] = T::pack(s[at][2 * kk + 1][0], s[at][2 * kk + 1][1]);
-        pa[at][3] = T::pack(s[at][2 * kk + 1][2], s[at][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < DA / 2; ++dp) {
-        u32 vb[4];
-        ldmatrix_x4_trans(vb, smem_u32(sVt + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * ST +
-                                       dp * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int at = 0; at < MA; ++at) {
-          mma_16816<T>(acc_o[at][2 * dp], pa[at], vb[0], vb[1]);
-          mma_16816<T>(acc_o[at][2 * dp + 1], pa[at], vb[2], vb[3]);
-        }
-      }
-    }
+    // O += P V_t
+    Tiles::pv(acc_o, s, sVt, lane);
     stage = stage + 1 == p.stages ? 0 : stage + 1;
     load_stage = load_stage + 1 == p.stages ? 0 : load_stage + 1;
     ++visited;

@@ -49,15 +49,24 @@ def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=
     H, D = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s, visible, _ = scores(q, k, mask, bias, scale, causal, softcap)
+    p, lse = _softmax(s, visible)
+    vf = _heads_full(cupy.moveaxis(v.astype(cupy.float64), 2, 1), H, 1)
+    out = cupy.einsum("bhqk,bhkd->bhqd", p, vf)
+    return cupy.moveaxis(out, 1, 2), lse
+
+
+def _softmax(s, visible):
+    """Softmax over the visible keys and its lse; rows with no visible key: p = 0, lse = -inf."""
+    import cupy
+
     s = cupy.where(visible, s, -cupy.inf)
     m = s.max(axis=-1, keepdims=True)
     m_safe = cupy.where(cupy.isfinite(m), m, 0.0)
-    p = cupy.where(visible, cupy.exp(s - m_safe), 0.0)
-    l = p.sum(axis=-1, keepdims=True)
-    vf = _heads_full(cupy.moveaxis(v.astype(cupy.float64), 2, 1), H, 1)
-    out = cupy.einsum("bhqk,bhkd->bhqd", p / cupy.where(l > 0, l, 1.0), vf)
-    lse = cupy.where(l[..., 0] > 0, m_safe[..., 0] + cupy.log(cupy.where(l[..., 0] > 0, l[..., 0], 1.0)), -cupy.inf)
-    return cupy.moveaxis(out, 1, 2), lse
+    e = cupy.where(visible, cupy.exp(s - m_safe), 0.0)
+    l = e.sum(axis=-1)
+    seen = l > 0
+    lse = cupy.where(seen, m_safe[..., 0] + cupy.log(cupy.where(seen, l, 1.0)), -cupy.inf)
+    return e / cupy.where(seen, l, 1.0)[..., None], lse
 
 
 def backward(dout, q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=0.0):
@@ -68,12 +77,7 @@ def backward(dout, q, k, v, mask=None, bias=None, *, scale=None, causal=False, s
     Hk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s, visible, t = scores(q, k, mask, bias, scale, causal, softcap)
-    s = cupy.where(visible, s, -cupy.inf)
-    m = s.max(axis=-1, keepdims=True)
-    m_safe = cupy.where(cupy.isfinite(m), m, 0.0)
-    e = cupy.where(visible, cupy.exp(s - m_safe), 0.0)
-    l = e.sum(axis=-1, keepdims=True)
-    p = e / cupy.where(l > 0, l, 1.0)                                       # softmax
+    p, _ = _softmax(s, visible)
     qf = cupy.moveaxis(q.astype(cupy.float64), 2, 1)
     kf = _heads_full(cupy.moveaxis(k.astype(cupy.float64), 2, 1), H, 1)
     vf = _heads_full(cupy.moveaxis(v.astype(cupy.float64), 2, 1), H, 1)
@@ -98,3 +102,48 @@ def backward(dout, q, k, v, mask=None, bias=None, *, scale=None, causal=False, s
             if bias.shape[axis] == 1:
                 dbias = dbias.sum(axis=axis, keepdims=True)
     return cupy.moveaxis(dq, 1, 2), to_kv(dk_h), to_kv(dv_h), dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the GPU tests: fresh random inputs, poisoned outputs, relative error.
+
+
+def poison_pool(nbytes: int = 1 << 28) -> None:
+    """Fills free pool memory with NaN, so an output element a kernel fails to write is NaN."""
+    import cupy
+    import numpy
+
+    x = cupy.full(nbytes // 4, numpy.nan, dtype=numpy.float32)
+    del x
+
+
+def rel_err(x, y) -> float:
+    """||x - y|| / ||y|| in float64 (max |x| when y is all zero)."""
+    import cupy
+
+    x = x.astype(cupy.float64)
+    y = y.astype(cupy.float64)
+    denom = float(cupy.linalg.norm(y.ravel()))
+    if denom == 0.0:
+        return float(cupy.abs(x).max()) if x.size else 0.0
+    return float(cupy.linalg.norm((x - y).ravel())) / denom
+
+
+def randn(shape, dtype, scale=1.0):
+    import cupy
+
+    return (cupy.random.standard_normal(shape, dtype=cupy.float32) * scale).astype(dtype)
+
+
+def make_inputs(B, Sq, Sk, H, Hk, D, dtype, mask_shape=None, bias_shape=None, density=0.7,
+                mask_dtype=bool, bias_dtype=None):
+    """q, k, v, mask (kept with probability `density`) and bias, freshly drawn."""
+    import cupy
+
+    q, k, v = randn((B, Sq, H, D), dtype), randn((B, Sk, Hk, D), dtype), randn((B, Sk, Hk, D), dtype)
+    mask = bias = None
+    if mask_shape is not None:
+        mask = (cupy.random.random(mask_shape) < density).astype(mask_dtype)
+    if bias_shape is not None:
+        bias = randn(bias_shape, bias_dtype or dtype)
+    return q, k, v, mask, bias

@@ -13,47 +13,27 @@ import pytest
 cupy = pytest.importorskip("cupy")
 try:
     _HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # no driver / no device
+except Exception:  # noqa: BLE001  (no driver / no device)
     _HAS_GPU = False
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_GPU, reason="needs a CUDA GPU")]
 
-import dmattn_cupy  # noqa: E402
-import gpu_reference as ref  # noqa: E402
+import gpu_reference as ref
+from gpu_reference import make_inputs, poison_pool, randn, rel_err
+
+import dmattn_cupy
 
 TOL = {"float16": 1e-2, "bfloat16": 5e-2}
 DTYPES = ["bfloat16", "float16"]
 NAMES = ("dq", "dk", "dv", "dbias")
 
 
-def poison_pool(nbytes: int = 1 << 28) -> None:
-    """Fills free pool memory with NaN so unwritten outputs are caught."""
-    x = cupy.full(nbytes // 4, numpy.nan, dtype=numpy.float32)
-    del x
 
 
-def rel_err(x, y) -> float:
-    x = x.astype(cupy.float64)
-    y = y.astype(cupy.float64)
-    denom = float(cupy.linalg.norm(y.ravel()))
-    if denom == 0.0:
-        return float(cupy.abs(x).max()) if x.size else 0.0
-    return float(cupy.linalg.norm((x - y).ravel())) / denom
 
 
-def randn(shape, dtype, scale=1.0):
-    return (cupy.random.standard_normal(shape, dtype=cupy.float32) * scale).astype(dtype)
 
 
-def make_inputs(B, Sq, Sk, H, Hk, D, dtype, mask_shape=None, bias_shape=None, density=0.7,
-                mask_dtype=bool, bias_dtype=None):
-    q, k, v = randn((B, Sq, H, D), dtype), randn((B, Sk, Hk, D), dtype), randn((B, Sk, Hk, D), dtype)
-    mask = bias = None
-    if mask_shape is not None:
-        mask = (cupy.random.random(mask_shape) < density).astype(mask_dtype)
-    if bias_shape is not None:
-        bias = randn(bias_shape, bias_dtype or dtype)
-    return q, k, v, mask, bias
 
 
 def run_backward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None,
@@ -183,12 +163,12 @@ def test_hidden_positions_have_zero_dbias():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_min_value_bias(dtype):
-    q, k, v, mask, bias = make_inputs(1, 50, 70, 2, 1, 64, dtype, None, (1, 1, 50, 70))
+    q, k, v, _, bias = make_inputs(1, 50, 70, 2, 1, 64, dtype, None, (1, 1, 50, 70))
     lowest = float(numpy.finfo(numpy.float16).min) if dtype == "float16" else -3.3895313892515355e38
     bias[:, :, :, ::2] = lowest
     check_backward(q, k, v, None, bias)
     bias[:, :, :10, :] = lowest  # rows whose every key has the minimum bias: no NaN
-    dout, grads = run_backward(q, k, v, None, bias)
+    _, grads = run_backward(q, k, v, None, bias)
     for name, x in zip(NAMES, grads):
         assert not bool(cupy.isnan(x).any()), name
 

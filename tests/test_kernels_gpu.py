@@ -6,7 +6,6 @@ a kernel fails to write shows up as NaN. Skipped cleanly without CuPy or a GPU.
 
 from __future__ import annotations
 
-import math
 
 import numpy
 import pytest
@@ -21,37 +20,26 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_GPU, reason="needs a 
 
 import dmattn_cupy  # noqa: E402
 import gpu_reference as ref  # noqa: E402
+from gpu_reference import make_inputs, poison_pool, randn, rel_err  # noqa: E402
 
 TOL = {"float16": 3e-3, "bfloat16": 2e-2}
 DTYPES = ["bfloat16", "float16"]
 
 
-def poison_pool(nbytes: int = 1 << 28) -> None:
-    """Fills free pool memory with NaN so unwritten outputs are caught."""
-    x = cupy.full(nbytes // 4, numpy.nan, dtype=numpy.float32)
-    del x
+@pytest.fixture(params=["wgmma", "sync"])
+def mma_path(request, monkeypatch):
+    """Runs a test on both forward kernels: Hopper warpgroup tiles (on sm_90, for D = 64 and 128)
+    and the portable mma.sync tiles."""
+    monkeypatch.setenv("DMATTN_CUPY_MMA", request.param)
+    return request.param
 
 
-def rel_err(x, y) -> float:
-    x = x.astype(cupy.float64)
-    y = y.astype(cupy.float64)
-    denom = float(cupy.linalg.norm(y.ravel()))
-    return float(cupy.linalg.norm((x - y).ravel())) / max(denom, 1e-30)
 
 
-def randn(shape, dtype, scale=1.0):
-    return (cupy.random.standard_normal(shape, dtype=cupy.float32) * scale).astype(dtype)
 
 
-def make_inputs(B, Sq, Sk, H, Hk, D, dtype, mask_shape=None, bias_shape=None, density=0.7,
-                mask_dtype=bool, bias_dtype=None):
-    q, k, v = randn((B, Sq, H, D), dtype), randn((B, Sk, Hk, D), dtype), randn((B, Sk, Hk, D), dtype)
-    mask = bias = None
-    if mask_shape is not None:
-        mask = (cupy.random.random(mask_shape) < density).astype(mask_dtype)
-    if bias_shape is not None:
-        bias = randn(bias_shape, bias_dtype or dtype)
-    return q, k, v, mask, bias
+
+
 
 
 def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None):
@@ -79,7 +67,7 @@ def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 160, 192, 256])
-def test_head_dims(D, dtype):
+def test_head_dims(D, dtype, mma_path):
     q, k, v, mask, bias = make_inputs(2, 129, 200, 4, 2, D, dtype, (2, 2, 129, 200), (2, 2, 129, 200))
     check_forward(q, k, v, mask, bias, causal=True)
 
@@ -100,7 +88,7 @@ def test_gqa_and_head_broadcast(group, aux_heads):
 )
 @pytest.mark.parametrize("which", ["mask", "bias", "both"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_broadcast_shapes(shape, which, causal):
+def test_broadcast_shapes(shape, which, causal, mma_path):
     mshape = shape if which in ("mask", "both") else None
     bshape = shape if which in ("bias", "both") else None
     q, k, v, mask, bias = make_inputs(2, 37, 300, 4, 2, 64, "float16", mshape, bshape)
@@ -109,7 +97,7 @@ def test_broadcast_shapes(shape, which, causal):
 
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 1000), (37, 129), (129, 37), (1000, 1000), (300, 64), (64, 300), (16, 5000)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_lengths_and_causal(Sq, Sk, causal):
+def test_lengths_and_causal(Sq, Sk, causal, mma_path):
     q, k, v, mask, bias = make_inputs(1, Sq, Sk, 4, 1, 64, "bfloat16", (1, 1, Sq, Sk), (1, 1, Sq, Sk))
     check_forward(q, k, v, mask, bias, causal=causal)
 
@@ -165,7 +153,7 @@ def test_non_contiguous_views_and_expanded_mask():
     check_forward(qh.transpose(0, 2, 1, 3), k, v, mask, bias)
 
 
-def test_decode_long_keys_split():
+def test_decode_long_keys_split(mma_path):
     Sk = 70_000
     q, k, v, mask, bias = make_inputs(1, 1, Sk, 2, 1, 64, "bfloat16", (1, 1, 1, Sk), (1, 1, 1, Sk), density=0.01)
     check_forward(q, k, v, mask, bias, causal=True)
@@ -173,7 +161,7 @@ def test_decode_long_keys_split():
     check_forward(q, k, v, None, None)
 
 
-def test_skipping_follows_the_mask():
+def test_skipping_follows_the_mask(mma_path):
     """Zeroing half of the key tiles halves the tiles the kernel computes (counter), and the
     result still matches."""
     from dmattn_cupy._cuda.forward import forward as cuda_forward

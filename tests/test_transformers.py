@@ -25,12 +25,12 @@ def registered():
 
 
 def test_register_adds_attention_and_mask_functions(registered):
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert registered == "dmattn_cupy"
     assert ALL_ATTENTION_FUNCTIONS[registered] is dmt_hf.flash_dynamic_mask_attention_forward
-    assert ALL_MASK_ATTENTION_FUNCTIONS[registered] is sdpa_mask
+    assert ALL_MASK_ATTENTION_FUNCTIONS[registered] is dmt_hf._mask_without_causal_skip
 
 
 class _Module(torch.nn.Module):
@@ -129,6 +129,17 @@ def count_calls(monkeypatch):
 
     monkeypatch.setattr(dmt_hf, "flash_dmattn_func", spy)
     return calls
+
+
+@needs_doge
+def test_doge_without_attention_mask_stays_causal(registered, count_calls):
+    """No attention_mask at all: transformers' sdpa builder would skip the causal mask (leaving
+    SDPA's is_causal to apply it); Doge's dynamic mask must still hide the future."""
+    eager, ours = _doge_pair(torch.float32, registered)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours(input_ids=ids).logits, eager(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
+    assert len(count_calls) == 2
 
 
 @needs_doge

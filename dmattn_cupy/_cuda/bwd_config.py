@@ -22,11 +22,11 @@ class BwdTiles:
     d_split: int    # CTAs along the head dim (each owns head_dim / d_split output columns)
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "BwdTiles":
+    def for_head_dim(cls, head_dim: int) -> BwdTiles:
         tile = tile_head_dim(head_dim)
         d_split = 2 if tile > 128 else 1
         d_out = tile // d_split
-        return cls(tile, 64 if d_out <= 64 else 32, 64, d_split)
+        return cls(tile, 64 if d_out <= 64 else 32 if d_out <= 96 else 16, 64, d_split)
 
 
 @dataclass(frozen=True)

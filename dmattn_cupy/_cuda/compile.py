@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_LOADED_MODULES: list = []
 
 
 def kernels_dir() -> Path:
@@ -53,25 +54,56 @@ def kernel_name(function: str, *template_args) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def get_kernel(source: str, name: str):
+def get_kernel(source: str, name: str, arch: str | None = None):
     """The compiled kernel `name` (a kernel_name(...) string) from kernels_cu/`source`.
 
-    Its dynamic shared-memory limit is raised once to the device's opt-in maximum: the limit
+    `arch` None: CuPy's RawModule, for the current GPU's architecture. `arch` "sm_90a": NVRTC
+    directly, since the Hopper-only instructions (wgmma) need the arch-specific target that
+    RawModule does not offer.
+
+    The dynamic shared-memory limit is raised once to the device's opt-in maximum: the limit
     belongs to the CUDA function, which every handle of the same compiled name shares, so it
     is never lowered per launch (occupancy follows the bytes a launch asks for, not the limit).
     """
     import cupy
+    from cupy.cuda import driver
 
     code = f'// kernels_cu digest {_sources_digest()}\n#include "{source}"\n'
-    module = cupy.RawModule(
-        code=code,
-        options=("-std=c++17", f"-I{kernels_dir()}"),
-        name_expressions=(name,),
-    )
-    kernel = module.get_function(name)
+    options = ("-std=c++17", f"-I{kernels_dir()}")
+    if arch is None:
+        module = cupy.RawModule(code=code, options=options, name_expressions=(name,))
+        kernel = module.get_function(name)
+    else:
+        kernel = _nvrtc_kernel(code, options + (f"-arch={arch}",), name)
     optin = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-    kernel.max_dynamic_shared_size_bytes = optin - kernel.shared_size_bytes
+    if arch is None:
+        kernel.max_dynamic_shared_size_bytes = optin - kernel.shared_size_bytes
+    else:
+        static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel.ptr)
+        driver.funcSetAttribute(kernel.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                optin - static)
     return kernel
+
+
+def _nvrtc_kernel(code: str, options: tuple[str, ...], name: str):
+    """Compiles `code` to a cubin with NVRTC and loads the instantiation `name`."""
+    from cupy.cuda import function, nvrtc
+
+    prog = nvrtc.createProgram(code, "dmattn_kernels.cu", [], [])
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, list(options))
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC failed for {name}:\n{nvrtc.getProgramLog(prog)}") from error
+        cubin = nvrtc.getCUBIN(prog)
+        lowered = nvrtc.getLoweredName(prog, name)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = function.Module()
+    module.load(cubin)
+    _LOADED_MODULES.append(module)  # a function lives as long as its module
+    return module.get_function(lowered)
 
 
 def launch(kernel, grid, block, params, shared_mem: int = 0) -> None:

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass
 
 TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+WGMMA_HEAD_DIMS = (64, 128)
+# Where the warpgroup tiles are the default (H100, 2026-11-23): at D = 64 they match or beat
+# mma.sync; at D = 128 the synchronous warpgroup loop (no softmax/GEMM overlap yet) is slower.
+WGMMA_DEFAULT_HEAD_DIMS = (64,)
 THREADS = 128
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
 # usable per SM, 1 KiB reserved per CTA).
@@ -34,12 +38,28 @@ class FwdTiles:
     block_m: int    # query-tile rows (pack heads x block_m / pack sequence rows)
     block_n: int    # key-tile columns
 
+    wgmma: bool    # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
+
     @classmethod
-    def for_head_dim(cls, head_dim: int, has_aux: bool) -> "FwdTiles":
-        """Mirrors FwdTraits<HEAD_DIM, HAS_AUX> (has_aux: a mask or a bias is read)."""
+    def for_head_dim(cls, head_dim: int, has_aux: bool, wgmma: bool) -> "FwdTiles":
+        """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>) and WgmmaTiles.
+
+        has_aux: a mask or a bias is read. wgmma: the GPU is a Hopper (sm_90) and the tile head
+        dim is 64 or 128 — then one 4-warp warpgroup computes 64 rows x 64 keys per step.
+        """
         tile = tile_head_dim(head_dim)
+        if wgmma and tile in WGMMA_HEAD_DIMS:
+            return cls(tile, 64, 64, True)
         block_n = 64 if tile <= 64 or (tile == 128 and not has_aux) else 32
-        return cls(tile, 128 if tile <= 128 else 64, block_n)
+        return cls(tile, 128 if tile <= 128 else 64, block_n, False)
+
+    def tile_bytes(self, rows: int) -> int:
+        """Shared-memory bytes of a rows x head_dim tile of Q, K or V."""
+        return rows * self.head_dim * 2 if self.wgmma else rows * (self.head_dim + 8) * 2
+
+    @property
+    def stage_align(self) -> int:
+        return 1024 if self.wgmma else 16
 
 
 @dataclass(frozen=True)
@@ -89,20 +109,28 @@ def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, i
     return math.ceil(key_tiles / per_split), per_split
 
 
+def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
+    """Warpgroup tiles need sm_90 and a tile head dim of 64 or 128 (see mma_choice)."""
+    if capability != 90 or choice == "sync":
+        return False
+    dims = WGMMA_HEAD_DIMS if choice == "wgmma" else WGMMA_DEFAULT_HEAD_DIMS
+    return tile_head_dim(head_dim) in dims
+
+
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, shares_aux: bool,
-               sm_count: int) -> FwdConfig:
-    tiles = FwdTiles.for_head_dim(head_dim, has_aux=mask_bytes + bias_bytes > 0)
+               sm_count: int, wgmma: bool = False) -> FwdConfig:
+    tiles = FwdTiles.for_head_dim(head_dim, has_aux=mask_bytes + bias_bytes > 0, wgmma=wgmma)
     pack = choose_pack(group, tiles.block_m, shares_aux)
     seq_rows = tiles.block_m // pack
     m_blocks = math.ceil(seqlen_q / seq_rows)
     key_tiles = math.ceil(seqlen_k / tiles.block_n)
     splits, per_split = choose_splits(m_blocks * batch * heads // pack, key_tiles, sm_count)
-    row_bytes = 2 * (tiles.head_dim + 8)
     stage = (
-        2 * tiles.block_n * row_bytes                                                 # K, V
+        2 * tiles.tile_bytes(tiles.block_n)                                           # K, V
         + seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     )
-    fixed = tiles.block_m * row_bytes + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
+    stage = math.ceil(stage / tiles.stage_align) * tiles.stage_align
+    fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
     stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2
     return FwdConfig(tiles, pack, m_blocks, splits, per_split, stages, fixed + stages * stage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,3 +25,13 @@ def current() -> tuple[int, int]:
             f"this GPU has {capability // 10}.{capability % 10}"
         )
     return capability, sm_count
+
+
+def mma_choice() -> str:
+    """Which forward tiles to use on Hopper: "auto" (warpgroup tiles where they measured faster:
+    head dim 64), "wgmma" (wherever they exist: head dims 64 and 128) or "sync" (mma.sync
+    everywhere). Set by DMATTN_CUPY_MMA; the tests run both kernels on one GPU this way."""
+    choice = os.environ.get("DMATTN_CUPY_MMA", "auto")
+    if choice not in ("auto", "wgmma", "sync"):
+        raise ValueError(f"DMATTN_CUPY_MMA must be auto, wgmma or sync; got {choice!r}")
+    return choice

@@ -14,7 +14,7 @@ import numpy
 
 from . import compile as nvrtc
 from . import device
-from .config import THREADS, FwdConfig, fwd_config
+from .config import THREADS, FwdConfig, fwd_config, use_wgmma
 from .fill import fill_attn
 from .operands import AuxOperand, aux_operand, qkv_operand
 from .params import FWD_PARAMS, new_record, pointer_slots
@@ -40,9 +40,10 @@ def _layout(x) -> tuple:
     return None if x is None else (x.shape, x.strides, x.dtype.str, x.data.ptr % 16 == 0)
 
 
-def _plan(q, k, v, m: AuxOperand, b: AuxOperand, problem, sm_count: int) -> FwdPlan:
+def _plan(q, k, v, m: AuxOperand, b: AuxOperand, problem, capability: int, sm_count: int) -> FwdPlan:
+    wgmma = use_wgmma(capability, problem.head_dim, device.mma_choice())
     key = (_layout(q), _layout(k), _layout(v), _layout(m.array), _layout(b.array), problem.scale,
-           problem.causal, problem.softcap, sm_count)
+           problem.causal, problem.softcap, sm_count, wgmma)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -50,7 +51,7 @@ def _plan(q, k, v, m: AuxOperand, b: AuxOperand, problem, sm_count: int) -> FwdP
     cfg = fwd_config(
         head_dim=D, batch=B, heads=H, group=H // problem.kv_heads, seqlen_q=Sq, seqlen_k=Sk,
         mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
-        shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count,
+        shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count, wgmma=wgmma,
     )
     rec = new_record(FWD_PARAMS)
     fill_attn(rec, problem, q, k, v, m, b, cfg.pack)
@@ -60,7 +61,7 @@ def _plan(q, k, v, m: AuxOperand, b: AuxOperand, problem, sm_count: int) -> FwdP
     elem = nvrtc.element_type(q.dtype)
     kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name(
         "fwd_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
-        problem.softcap > 0))
+        problem.softcap > 0, cfg.tiles.wgmma), "sm_90a" if cfg.tiles.wgmma else None)
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
     plan = FwdPlan(cfg, rec, kernel, combine, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
@@ -74,12 +75,12 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     (query tile x key tile) pairs computed, for tests of block skipping."""
     import cupy
 
-    _, sm_count = device.current()
+    capability, sm_count = device.current()
     q, k, v = qkv_operand(q), qkv_operand(k), qkv_operand(v)
     B, Sq, H, D = problem.batch, problem.seqlen_q, problem.heads, problem.head_dim
     m = aux_operand(mask, heads=H, kv_heads=problem.kv_heads, seqlen_k=problem.seqlen_k, is_mask=True)
     b = aux_operand(bias, heads=H, kv_heads=problem.kv_heads, seqlen_k=problem.seqlen_k, is_mask=False)
-    plan = _plan(q, k, v, m, b, problem, sm_count)
+    plan = _plan(q, k, v, m, b, problem, capability, sm_count)
 
     out = cupy.empty((B, Sq, H, D), dtype=q.dtype)
     lse = cupy.empty((B, H, Sq), dtype=numpy.float32)

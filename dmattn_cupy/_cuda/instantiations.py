@@ -1,13 +1,15 @@
 """The kernel instantiations that cover every head-dim tile, dtype and feature flag.
 
-Used by the CI compile check (tests/test_kernels_compile.py: nvcc, sm_80 and sm_90, registers
-and spills) and by `warmup()`, which compiles the same set through NVRTC ahead of first use.
+Used by the CI compile check (tests/test_kernels_compile.py: nvcc, registers and spills) and by
+`warmup()`, which compiles the same set through NVRTC ahead of first use. Each entry names the
+architectures it is built for: the portable kernels for sm_80 and sm_90, the Hopper warpgroup
+(wgmma) forward for sm_90a only.
 """
 
 from __future__ import annotations
 
 from .compile import get_kernel, kernel_name
-from .config import TILE_HEAD_DIMS
+from .config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS
 
 BF16, FP16 = "dmattn::bf16_t", "dmattn::fp16_t"
 
@@ -27,21 +29,31 @@ ATTENTION_FLAGS = (
 )
 assert {flags[1] for flags in ATTENTION_FLAGS} == set(TILE_HEAD_DIMS)
 
-# source file -> [(kernel name, params struct)]
+PORTABLE = ("sm_80", "sm_90")
+HOPPER = ("sm_90a",)
+
+# source file -> [(kernel name, params struct, architectures)]
 COVERING_SET = {
-    "fwd.cu": [(kernel_name("fwd_kernel", *f), "FwdParams") for f in ATTENTION_FLAGS]
-    + [(kernel_name("fwd_combine_kernel", t), "FwdParams") for t in (BF16, FP16)],
-    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams") for f in ATTENTION_FLAGS]
-    + [(kernel_name(k, t), "BwdParams") for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel")
-       for t in (BF16, FP16)],
+    "fwd.cu": [(kernel_name("fwd_kernel", *f, False), "FwdParams", PORTABLE) for f in ATTENTION_FLAGS]
+    + [(kernel_name("fwd_kernel", *f, True), "FwdParams", HOPPER)
+       for f in ATTENTION_FLAGS if f[1] in WGMMA_HEAD_DIMS]
+    + [(kernel_name("fwd_combine_kernel", t), "FwdParams", PORTABLE) for t in (BF16, FP16)],
+    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams", PORTABLE) for f in ATTENTION_FLAGS]
+    + [(kernel_name(k, t), "BwdParams", PORTABLE)
+       for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel") for t in (BF16, FP16)],
 }
 
 
 def warmup() -> int:
     """Compiles the covering set with NVRTC for the current GPU; returns how many kernels."""
+    from .device import current
+
+    hopper = current()[0] == 90
     count = 0
     for source, kernels in COVERING_SET.items():
-        for name, _ in kernels:
-            get_kernel(source, name)
+        for name, _, archs in kernels:
+            if archs == HOPPER and not hopper:
+                continue
+            get_kernel(source, name, "sm_90a" if archs == HOPPER else None)
             count += 1
     return count

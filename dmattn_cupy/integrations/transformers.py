@@ -101,8 +101,20 @@ def register(name: str = ATTENTION_NAME) -> str:
     Returns `name`.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, flash_dynamic_mask_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, _mask_without_causal_skip)
     return name
+
+
+def _mask_without_causal_skip(*args, **kwargs):
+    """transformers' sdpa mask builder, made to always build the mask.
+
+    For a causal batch without padding, sdpa_mask returns None and lets SDPA apply is_causal;
+    Doge then folds its dynamic mask into an attention_mask that has lost the causal part. The
+    kernels need the full mask (and skip its hidden tiles anyway)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)

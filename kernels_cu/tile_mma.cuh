@@ -1,0 +1,163 @@
+// tile_mma.cuh — the two tile matmuls of the forward, S = Q K^T and O += P V, behind one
+// interface, with the shared-memory layout of Q/K/V tiles they need:
+//   MmaSyncTiles — mma.sync m16n8k16 + ldmatrix (sm_80 and later), rows padded to D + 8;
+//   WgmmaTiles   — Hopper wgmma (sm_90a), 64-row warpgroup tiles in 128-byte swizzled slabs.
+// Both hand the kernel S and O in the same register layout (wgmma.cuh says why), so the score
+// transform, the online softmax and the epilogue are shared.
+#pragma once
+#include "tile_io.cuh"
+#include "wgmma.cuh"
+
+namespace dmattn {
+
+// A operand of keys 16kk..16kk+15 from one 16-row block of S in the C layout (mma.cuh's table).
+template <typename T, int NA>
+__device__ __forceinline__ void pack_p(u32 (&pa)[4], const float (&s)[NA][4], int kk) {
+  pa[0] = T::pack(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = T::pack(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = T::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = T::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+template <typename T, int HEAD_DIM, bool HAS_AUX>
+struct MmaSyncTiles {
+  typedef FwdTraits<HEAD_DIM, HAS_AUX> Tr;
+  static constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
+  static constexpr int MA = Tr::kMAtoms, NA = Tr::kNAtoms, DA = Tr::kDAtoms, KS = Tr::kKSteps;
+  static constexpr int kStride = Tr::kStride;
+  static constexpr int kStageAlign = 16;
+
+  static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * kStride * 2; }
+
+  template <int ROWS, typename RowPtr>
+  static __device__ __forceinline__ void load(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
+    load_head_rows<HEAD_DIM, ROWS, Tr::kThreads>(smem, head_dim, any_valid, row_ptr);
+  }
+
+  // After this thread's copies landed, before the barrier: ldmatrix reads them as they are.
+  static __device__ __forceinline__ void copies_visible() {}
+
+  // S = Q K^T for this warp's kMAtoms x 16 rows (tile rows from warp_row0) and all kBlockN keys.
+  static __device__ __forceinline__ void qk(float (&s)[MA][NA][4], const u16* sQ, const u16* sK,
+                                            int warp_row0, int lane) {
+#pragma unroll
+    for (int at = 0; at < MA; ++at)
+#pragma unroll
+      for (int nt = 0; nt < NA; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[at][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      u32 qa[MA][4];
+#pragma unroll
+      for (int at = 0; at < MA; ++at)
+        ldmatrix_x4(qa[at], smem_u32(sQ + (warp_row0 + at * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * kStride +
+                                     ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int np = 0; np < NA / 2; ++np) {
+        u32 kb[4];
+        ldmatrix_x4(kb, smem_u32(sK + (np * 16 + (lane % 8) + (lane >> 4) * 8) * kStride + ks * 16 +
+                                 ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int at = 0; at < MA; ++at) {
+          mma_16816<T>(s[at][2 * np], qa[at], kb[0], kb[1]);
+          mma_16816<T>(s[at][2 * np + 1], qa[at], kb[2], kb[3]);
+        }
+      }
+    }
+  }
+
+  // O += P V; P (the softmax numerators in the S registers) becomes the A operand, 16 keys a step.
+  static __device__ __forceinline__ void pv(float (&acc_o)[MA][DA][4], const float (&s)[MA][NA][4],
+                                            const u16* sV, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < NA / 2; ++kk) {
+      u32 pa[MA][4];
+#pragma unroll
+      for (int at = 0; at < MA; ++at) pack_p<T, NA>(pa[at], s[at], kk);
+#pragma unroll
+      for (int dp = 0; dp < DA / 2; ++dp) {
+        u32 vb[4];
+        ldmatrix_x4_trans(vb, smem_u32(sV + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * kStride +
+                                       dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+        for (int at = 0; at < MA; ++at) {
+          mma_16816<T>(acc_o[at][2 * dp], pa[at], vb[0], vb[1]);
+          mma_16816<T>(acc_o[at][2 * dp + 1], pa[at], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+};
+
+// One warpgroup (4 warps) per CTA, 64 query rows, 64-key tiles; HEAD_DIM 64 or 128.
+template <typename T, int HEAD_DIM>
+struct WgmmaTiles {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma tiles: D = 64 or 128");
+  static constexpr int kBlockM = 64, kBlockN = 64;
+  static constexpr int MA = 1, NA = kBlockN / 8, DA = HEAD_DIM / 8, KS = HEAD_DIM / 16;
+  static constexpr int kSlabElems = 64;  // columns per 128-byte swizzled slab
+  static constexpr int kStageAlign = 1024;
+
+  static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * HEAD_DIM * 2; }
+
+  // Row r, 16-byte chunk c of a ROWS-row tile: slab c / 8, chunk (c % 8) ^ (r % 8) of row r.
+  template <int ROWS, typename RowPtr>
+  static __device__ __forceinline__ void load(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
+    constexpr int kChunks = HEAD_DIM / 8;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < ROWS * kChunks; i += 128) {
+      const int r = i / kChunks, c = i % kChunks;
+      const u16* g = row_ptr(r);
+      const bool valid = g != nullptr && c * 8 < head_dim;
+      u16* dst = smem + (c / 8) * ROWS * kSlabElems + r * kSlabElems + (((c % 8) ^ (r % 8)) * 8);
+      cp_async_16(smem_u32(dst), valid ? g + c * 8 : any_valid, valid);
+    }
+  }
+
+  // cp.async writes through the generic proxy; wgmma reads through the async proxy.
+  static __device__ __forceinline__ void copies_visible() { fence_proxy_async(); }
+
+  static __device__ __forceinline__ void qk(float (&s)[1][NA][4], const u16* sQ, const u16* sK, int, int) {
+    float (&d)[NA * 4] = reinterpret_cast<float (&)[NA * 4]>(s[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int slab = ks / 4, in_slab = (ks % 4) * 16;  // 16 columns = 32 bytes
+      const u64 da = sw128_desc(smem_u32(sQ + slab * kBlockM * kSlabElems + in_slab), 16, 1024);
+      const u64 db = sw128_desc(smem_u32(sK + slab * kBlockN * kSlabElems + in_slab), 16, 1024);
+      wgmma_ss_m64n64k16(d, da, db, ks > 0, T());
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+
+  static __device__ __forceinline__ void pv(float (&acc_o)[1][DA][4], const float (&s)[1][NA][4],
+                                            const u16* sV, int) {
+    float (&d)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
+    u32 pa[NA / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < NA / 2; ++kk) pack_p<T, NA>(pa[kk], s[0], kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < NA / 2; ++kk) {
+      // keys 16kk..16kk+15: 16 rows of 128 bytes; the next 64 columns of V are one slab further
+      const u64 db = sw128_desc(smem_u32(sV + kk * 16 * kSlabElems), kBlockN * 128, 1024);
+      if constexpr (HEAD_DIM == 64) wgmma_rs_m64n64k16(d, pa[kk], db, T());
+      else wgmma_rs_m64n128k16(d, pa[kk], db, T());
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+};
+
+// The tiles a forward instantiation uses.
+template <typename T, int HEAD_DIM, bool HAS_AUX, bool WGMMA> struct FwdTiles;
+template <typename T, int HEAD_DIM, bool HAS_AUX> struct FwdTiles<T, HEAD_DIM, HAS_AUX, false> {
+  typedef MmaSyncTiles<T, HEAD_DIM, HAS_AUX> type;
+};
+template <typename T, int HEAD_DIM, bool HAS_AUX> struct FwdTiles<T, HEAD_DIM, HAS_AUX, true> {
+  typedef WgmmaTiles<T, HEAD_DIM> type;
+};
+
+}  // namespace dmattn
