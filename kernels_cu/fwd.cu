@@ -7,19 +7,23 @@
 //   causal  — tiles wholly above the bottom-right diagonal are never visited;
 //   mask    — a scan first reads the CTA's mask rows and sets one bit per key tile holding a kept
 //             key; all-zero tiles are skipped (no K/V/bias loads, no math).
-// Each warp owns kMAtoms 16-row mma atoms; S, P and O live in registers (FA2 layout: the S
-// accumulator fragment is reused as the A operand of P V without going through shared memory).
+// The two products S = Q K^T and O += P V come from the tile policy (tile_mma.cuh): mma.sync tiles
+// (kBlockM = 128 or 64, each warp owning MA 16-row atoms) or, on Hopper, wgmma tiles (one 64-row
+// warpgroup). Either way S, P and O live in registers in the same layout (the S accumulator is
+// reused as the A operand of P V), so masking, softmax and the epilogue below are shared.
 //
-// Shared memory (bytes):
-//   sQ     kBlockM x (D+8) x 2                      loaded once
-//   stage  stages x [ K | V | mask | bias ]         one active key tile each, a ring:
-//            K, V   kBlockN x (D+8) x 2
+// Shared memory (bytes; a "tile" of Q/K/V is Tiles::tile_bytes(rows): rows x (D+8) x 2 padded
+// for mma.sync, rows x D x 2 in 128-byte swizzled slabs for wgmma):
+//   sQ     tile of kBlockM rows                     loaded once
+//   stage  stages x [ K | V | mask | bias ]         one active key tile each, a ring; each stage
+//            K, V   tiles of kBlockN rows           rounded up to Tiles::kStageAlign
 //            mask   rows x (kBlockN * E + 16)       rows = kBlockM / pack
 //            bias   rows x (kBlockN * E + 16)
 //   sBits  one bit per key tile of the split (mask scan result)
-// cp.async pipeline (stages = 2 or 3, the most that keep two CTAs per SM): tile i+stages-1 is copied in while tile i is computed. One barrier per
-// tile: after it, tile i has landed (wait_group) and every warp is done with tile i-1, whose
-// stage is the one refilled next.
+// cp.async pipeline (stages = 2 or 3, the most that keep two CTAs per SM): tile i+stages-1 is
+// copied in while tile i is computed. One barrier per tile: after it, tile i has landed
+// (wait_group, then Tiles::copies_visible) and every warp is done with tile i-1, whose stage is
+// the one refilled next.
 //
 // With num_splits > 1 (short queries over long keys, or too few tiles to fill the GPU) each split
 // writes a normalized fp32 partial output and its lse; fwd_combine_kernel merges them:

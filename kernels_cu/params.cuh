@@ -61,7 +61,6 @@ struct BwdParams {
   float* dbias_accum;      // fp32 dbias, used when dbias is reduced over batch (else null)
   i64 dbias_stride[4];     // batch, head, row, key of dbias (or dbias_accum); 0 where reduced
   int dbias_rows_reduced;  // 1: bias broadcasts over query rows (sum dS over rows)
-  int dbias_batch_reduced; // 1: bias broadcasts over batch (accumulate into dbias_accum)
   int dbias_head_div;      // query head h adds into dbias head h / dbias_head_div
   int deterministic;       // 1: dq and dbias_accum are added in a fixed order
   int* semaphores;         // (B*H... ) ordering counters for deterministic mode

@@ -15,7 +15,6 @@ struct FwdTraits {
   // D = 128; beyond, 16 per warp so the fp32 output accumulator (16 x D / 32 per lane) fits.
   static constexpr int kBlockM = HEAD_DIM <= 128 ? 128 : 64;
   static constexpr int kBlockN = HEAD_DIM <= 64 || (HEAD_DIM == 128 && !HAS_AUX) ? 64 : 32;
-  static constexpr int kMaxStages = 3;  // key tiles in flight (FwdParams::stages: 2 or 3)
   static constexpr int kMAtoms = kBlockM / (16 * kWarps);   // 16-row mma atoms per warp
   static constexpr int kNAtoms = kBlockN / 8;               // 8-key column tiles of S
   static constexpr int kDAtoms = HEAD_DIM / 8;              // 8-wide column tiles of O

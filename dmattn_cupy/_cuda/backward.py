@@ -82,7 +82,6 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
             rec["dbias_accum"] = dbias_accum.data.ptr
         rec["dbias_stride"] = element_strides(target)
         rec["dbias_rows_reduced"] = int(rows_reduced)
-        rec["dbias_batch_reduced"] = int(bias.shape[0] == 1 and B > 1)
         rec["dbias_head_div"] = db_head_div
     else:
         rec["dbias_head_div"] = 1

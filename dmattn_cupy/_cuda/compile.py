@@ -70,15 +70,13 @@ def get_kernel(source: str, name: str, arch: str | None = None):
 
     code = f'// kernels_cu digest {_sources_digest()}\n#include "{source}"\n'
     options = ("-std=c++17", f"-I{kernels_dir()}")
+    optin = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     if arch is None:
         module = cupy.RawModule(code=code, options=options, name_expressions=(name,))
         kernel = module.get_function(name)
-    else:
-        kernel = _nvrtc_kernel(code, options + (f"-arch={arch}",), name)
-    optin = cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
-    if arch is None:
         kernel.max_dynamic_shared_size_bytes = optin - kernel.shared_size_bytes
     else:
+        kernel = _nvrtc_kernel(code, options + (f"-arch={arch}",), name)
         static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel.ptr)
         driver.funcSetAttribute(kernel.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 optin - static)

@@ -37,8 +37,7 @@ class FwdTiles:
     head_dim: int   # tile head dim
     block_m: int    # query-tile rows (pack heads x block_m / pack sequence rows)
     block_n: int    # key-tile columns
-
-    wgmma: bool    # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
+    wgmma: bool     # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
 
     @classmethod
     def for_head_dim(cls, head_dim: int, has_aux: bool, wgmma: bool) -> "FwdTiles":

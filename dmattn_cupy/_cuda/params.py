@@ -45,7 +45,7 @@ BWD_PARAMS = numpy.dtype(
         ("lse", _PTR), ("delta", _PTR), ("dq_accum", _PTR),
         ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("dbias_accum", _PTR),
         ("dbias_stride", _I64, (4,)),
-        ("dbias_rows_reduced", _I32), ("dbias_batch_reduced", _I32), ("dbias_head_div", _I32),
+        ("dbias_rows_reduced", _I32), ("dbias_head_div", _I32),
         ("deterministic", _I32), ("semaphores", _PTR), ("tiles_visited", _PTR),
         ("pad1", _I32), ("pad2", _I32),
     ],
