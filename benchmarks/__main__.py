@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--peers", default="sdpa,flex",
                    help="comma list: sdpa, flex, or exact names (sdpa_flash, sdpa_cudnn, "
-                        "sdpa_efficient, flex, flex_build); 'none' for dmattn_cupy alone")
+                        "sdpa_cudnn_bias, sdpa_efficient, flex, flex_build); 'none' for "
+                        "dmattn_cupy alone")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10, rep 30 ms)")
     p.add_argument("--small", action="store_true", help="every config at its small check size")

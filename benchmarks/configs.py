@@ -276,8 +276,14 @@ def mask_density(mask, seqlen_q: int, seqlen_k: int, causal: bool = True) -> flo
     n = 1
     for s in mask.shape[:-2]:
         n *= int(s)
-    kept = float(mask.sum())
-    return kept / (n * visible_pairs(seqlen_q, seqlen_k, causal))
+    return count_kept(mask) / (n * visible_pairs(seqlen_q, seqlen_k, causal))
+
+
+def count_kept(mask, chunk: int = 1 << 26) -> int:
+    """True entries of a bool mask (NumPy, CuPy or torch), summed `chunk` elements at a time:
+    torch's sum first copies a bool tensor to int64, 8 bytes per element (8 GiB at 32k x 32k)."""
+    flat = mask.reshape(-1)
+    return sum(int(flat[i:i + chunk].sum()) for i in range(0, flat.shape[0], chunk))
 
 
 def skipped_tile_fraction(mask, tile_q: int = 64, tile_k: int = 64, seqlen_q=None,

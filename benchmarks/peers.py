@@ -7,7 +7,11 @@ Implementations (``Impl.name``):
 - ``sdpa_flash``     torch SDPA, FLASH_ATTENTION backend, causal, no bias and no mask.
 - ``sdpa_cudnn``     torch SDPA, CUDNN_ATTENTION backend, causal, no bias and no mask.
 - ``sdpa_efficient`` torch SDPA, EFFICIENT_ATTENTION backend with mask & causal & bias folded into
-                     one additive float mask; K/V (and the mask) repeated to H heads for GQA.
+                     one additive float mask (H heads); K/V repeated for GQA where the backend has
+                     no enable_gqa.
+- ``sdpa_cudnn_bias`` the same additive mask on the CUDNN_ATTENTION backend: the decode target's
+                     peer. Its forward + backward asks for dbias too; where cuDNN has no such
+                     backward the record carries the error.
 - ``flex``           FlexAttention (torch.compile'd) with the bias added in ``score_mod`` and a
                      prebuilt BlockMask from ``mask_mod`` = mask & causal.
 - ``flex_build``     the same, building the BlockMask inside every call (what a dynamic mask costs).
@@ -28,7 +32,8 @@ from typing import Callable
 
 from .configs import Config, density_block_keep, expand_block_mask
 
-PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flex_build")
+PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "sdpa_cudnn_bias", "sdpa_efficient", "flex", "flex_build")
+PEER_FAMILIES = ("sdpa", "flex")
 OURS = "dmattn_cupy"
 
 #: "cuda" for benchmarks. "cpu" is the harness self-test mode (tests/test_benchmarks_cpu.py):
@@ -48,14 +53,16 @@ def synchronize():
 
 
 def select_peers(spec: str) -> list[str]:
-    """'sdpa,flex' -> the peer names; families 'sdpa', 'flex'; exact names; 'none' or ''."""
+    """'sdpa,flex' -> the peer names; families 'sdpa', 'flex' (every peer named family_*, and
+    flex itself); exact names; 'none' or ''."""
     out: list[str] = []
     for tok in (t.strip() for t in (spec or "").split(",")):
         if not tok or tok == "none":
             continue
-        names = [n for n in PEER_NAMES if n == tok or n.startswith(tok + "_") or n == tok]
-        if tok == "flex":
-            names = ["flex", "flex_build"]
+        if tok in PEER_FAMILIES:
+            names = [n for n in PEER_NAMES if n.split("_")[0] == tok]
+        else:
+            names = [n for n in PEER_NAMES if n == tok]
         if not names:
             raise ValueError(f"unknown peer {tok!r}; expected sdpa, flex or one of {PEER_NAMES}")
         out += [n for n in names if n not in out]
@@ -169,11 +176,9 @@ def build_mask(cfg: Config, bias, time_it: bool = False):
     ms = None
     if time_it:
         ms = few_ms(run, n=3)
-    mask = as_torch(mc)
+    mask = as_torch(mc)  # already & causal: topk_mask never keeps a hidden key, smoothed or not
     if mask.dtype != torch.bool:
         mask = mask != 0
-    if block is not None and cfg.causal:  # smoothing may re-open masked keys: AND causal again
-        mask = mask & causal_keep_torch(cfg.seqlen_q, cfg.seqlen_k, mask.device)
     return mask.contiguous(), ms
 
 
@@ -261,39 +266,49 @@ def _grads_to_ours(dq, dk, dv, dbias=None):
     return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias)
 
 
-def make_sdpa_plain(inp: Inputs, backend_name: str) -> Impl:
+_SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                  "sdpa_cudnn_bias": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def _sdpa_context(name: str) -> Callable:
+    """sdpa_kernel restricted to the peer's backend (MATH in the CPU self-test)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = SDPBackend.MATH if on_cpu() else getattr(SDPBackend, _SDPA_BACKENDS[name])
+    return lambda: sdpa_kernel(backend)
+
+
+def _gqa_sdpa(q, k, v, group: int, ctx: Callable, probe_mask=None, **kwargs):
+    """(attend, repeated): attend(attn_mask) is SDPA on q, k, v with ``kwargs``. For GQA it passes
+    enable_gqa where the backend takes it (one probe call under ctx, with probe_mask), else it
+    repeats K/V to every query head inside each call."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from .timing import tensor_bytes
-    cfg = inp.cfg
-    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
-               "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
-    if on_cpu():
-        backend = SDPBackend.MATH
-    is_causal = _sdpa_causal_flag(cfg)
-    q, k, v = (_bhsd(t, True) for t in (inp.q, inp.k, inp.v))
-    dout = inp.dout.transpose(1, 2).contiguous()
-    group = cfg.group
     state = {"repeat": False}
 
-    def attend():
-        kk, vv = k, v
+    def attend(attn_mask=None):
         if group > 1 and state["repeat"]:
             kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        return F.scaled_dot_product_attention(
-            q, kk, vv, is_causal=is_causal,
-            enable_gqa=(group > 1 and not state["repeat"]))
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, **kwargs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1,
+                                              **kwargs)
 
-    def ctx():
-        return sdpa_kernel(backend)
-
-    if group > 1:  # enable_gqa where the backend has it, else repeat K/V
+    if group > 1:
         try:
             with ctx(), torch.no_grad():
-                attend()
+                attend(probe_mask)
         except RuntimeError:
             state["repeat"] = True
+    return attend, state["repeat"]
+
+
+def make_sdpa_plain(inp: Inputs, name: str) -> Impl:
+    import torch
+    from .timing import tensor_bytes
+    cfg = inp.cfg
+    q, k, v = (_bhsd(t, True) for t in (inp.q, inp.k, inp.v))
+    dout = inp.dout.transpose(1, 2).contiguous()
+    ctx = _sdpa_context(name)
+    attend, repeated = _gqa_sdpa(q, k, v, cfg.group, ctx, is_causal=_sdpa_causal_flag(cfg))
 
     def fwd():
         with torch.no_grad():
@@ -303,15 +318,14 @@ def make_sdpa_plain(inp: Inputs, backend_name: str) -> Impl:
         out = attend()
         return _grads_to_ours(*torch.autograd.grad(out, (q, k, v), dout))
 
-    notes = "causal only (no bias, no mask)" + ("; K/V repeated" if state["repeat"] else "")
-    return Impl(backend_name, "plain", fwd, fwd_bwd, tensor_bytes(q, k, v), ctx=ctx,
-                notes=notes)
+    notes = "causal only (no bias, no mask)" + ("; K/V repeated" if repeated else "")
+    return Impl(name, "plain", fwd, fwd_bwd, tensor_bytes(q, k, v), ctx=ctx, notes=notes)
 
 
-def make_sdpa_efficient(inp: Inputs) -> Impl:
+def make_sdpa_bias(inp: Inputs, name: str) -> Impl:
+    """SDPA (efficient or cuDNN backend) with mask & causal & bias folded into one additive mask of
+    H heads: bias where kept, -inf where hidden. Forward + backward asks for dbias as well."""
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from .timing import tensor_bytes
     cfg = inp.cfg
     group = cfg.group
@@ -341,12 +355,8 @@ def make_sdpa_efficient(inp: Inputs) -> Impl:
         return add
 
     pre = additive(bias.detach() if bias is not None else None) if use_additive else None
-
-    def attend(add):
-        kk, vv = k, v
-        if group > 1:
-            kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=add, is_causal=is_causal)
+    ctx = _sdpa_context(name)
+    attend, repeated = _gqa_sdpa(q, k, v, group, ctx, probe_mask=pre, is_causal=is_causal)
 
     def fwd():
         with torch.no_grad():
@@ -360,10 +370,8 @@ def make_sdpa_efficient(inp: Inputs) -> Impl:
             return _grads_to_ours(dq, dk, dv, db)
         return _grads_to_ours(*torch.autograd.grad(out, (q, k, v), dout))
 
-    notes = "mask & causal & bias as one additive mask" + ("; K/V repeated" if group > 1 else "")
-    backend = SDPBackend.MATH if on_cpu() else SDPBackend.EFFICIENT_ATTENTION
-    return Impl("sdpa_efficient", "full", fwd, fwd_bwd,
-                tensor_bytes(q, k, v, pre), ctx=lambda: sdpa_kernel(backend),
+    notes = "mask & causal & bias as one additive mask" + ("; K/V repeated" if repeated else "")
+    return Impl(name, "full", fwd, fwd_bwd, tensor_bytes(q, k, v, pre), ctx=ctx,
                 has_bias_grad=bias is not None, notes=notes)
 
 
@@ -472,8 +480,8 @@ def make_impl(name: str, inp: Inputs):
         return make_ours(inp)
     if name in ("sdpa_flash", "sdpa_cudnn"):
         return make_sdpa_plain(inp, name)
-    if name == "sdpa_efficient":
-        return make_sdpa_efficient(inp)
+    if name in ("sdpa_efficient", "sdpa_cudnn_bias"):
+        return make_sdpa_bias(inp, name)
     if name in ("flex", "flex_build"):
         return make_flex(inp, build=(name == "flex_build"))[0]
     raise ValueError(f"unknown implementation {name!r}")

@@ -16,6 +16,9 @@ roofline_fraction   floor_ms / median_ms (1.0 = at the physical floor)
 time_vs_dense       sparsity sweep: median at this density / median at density 1 (same impl)
 check_*             correctness check on a small size against float64 (see __main__)
 ==================  ======================================================================
+
+The markdown also lists the project's forward targets (``TARGETS``) with the measured ratio and
+whether each is met.
 """
 from __future__ import annotations
 
@@ -26,9 +29,20 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .configs import Config
+from .peers import OURS, PEER_NAMES
 
-PEER_ORDER = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flex_build")
-OURS = "dmattn_cupy"
+# Forward targets of the project (issue 3; H100, bf16, medians of one run): dmattn_cupy's time at
+# most `limit` x the peer's. The sparsity sweep's: time(d) / time(1) <= d + SWEEP_SLACK.
+TARGETS = (
+    ("seed_4k", "flex", 0.8),
+    ("seed_16k", "flex", 0.5),
+    ("seed_32k", "flex", 0.5),
+    ("gqa8k_topk", "flex", 0.6),
+    ("gqa8k_topk", "sdpa_cudnn", 0.5),
+    ("gqa8k_dense", "sdpa_cudnn", 1.5),
+    ("decode_128k", "sdpa_cudnn_bias", 0.5),
+)
+SWEEP_SLACK = 0.1
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
 REQUIRED_FIELDS = ("config", "impl", "pass", "median_ms", "peak_mem_gib", "gpu", "commit", "date")
 
@@ -53,7 +67,7 @@ def finalize(records: list[dict], bandwidth: float | None, matmul_rate: float | 
         if r["impl"] != OURS or r["pass"] not in PASS_TITLES:
             continue
         if _ok(r):
-            for peer in PEER_ORDER:
+            for peer in PEER_NAMES:
                 p = by_key.get((r["config"], peer, r["pass"]))
                 if p is not None and _ok(p):
                     r[f"ratio_vs_{peer}"] = p["median_ms"] / r["median_ms"]
@@ -155,7 +169,34 @@ def _configs(records):
 
 def _impls(records):
     present = {r["impl"] for r in records}
-    return [OURS] * (OURS in present) + [p for p in PEER_ORDER if p in present]
+    return [OURS] * (OURS in present) + [p for p in PEER_NAMES if p in present]
+
+
+def target_rows(records: list[dict]) -> list[tuple[str, str, str, bool | None]]:
+    """(config, target, measured, met) for each forward target whose config ran; met is None
+    when the peer has no time (not run, or failed)."""
+    by_key = {(r["config"], r["impl"], r["pass"]): r for r in records}
+    rows = []
+    for config, peer, limit in TARGETS:
+        ours = by_key.get((config, OURS, "fwd"))
+        if ours is None:
+            continue
+        other = by_key.get((config, peer, "fwd"))
+        target = f"≤ {limit:g}× {peer}"
+        if not _ok(ours):
+            rows.append((config, target, _err_cell(ours), False))
+        elif other is None or not _ok(other):
+            rows.append((config, target, "— (no peer time)", None))
+        else:
+            value = ours["median_ms"] / other["median_ms"]
+            rows.append((config, target, f"{value:.2f}× ({_fmt_ms(ours['median_ms'])} / "
+                         f"{_fmt_ms(other['median_ms'])} ms)", value <= limit))
+    for r in records:
+        if r["impl"] == OURS and r["pass"] == "fwd" and r.get("time_vs_dense") is not None:
+            limit = r["density_target"] + SWEEP_SLACK
+            rows.append((r["config"], f"time(d) / time(1) ≤ {limit:g}",
+                         f"{r['time_vs_dense']:.2f}", r["time_vs_dense"] <= limit))
+    return rows
 
 
 def markdown(records: list[dict]) -> str:
@@ -210,6 +251,13 @@ def markdown(records: list[dict]) -> str:
     if any(i in impls for i in ("sdpa_flash", "sdpa_cudnn")):
         lines += ["¹ causal attention without bias and mask: a different, dense function, shown "
                   "as the speed of plain attention.", ""]
+    rows = target_rows(records)
+    if rows:
+        lines += ["### Forward targets (issue 3, H100)", "",
+                  "| config | target | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {c} | {t} | {m} | {'—' if ok is None else '✓' if ok else '✗'} |"
+                  for c, t, m, ok in rows]
+        lines.append("")
     # peak memory
     mem_rows = []
     for p in PASS_TITLES:
@@ -294,7 +342,7 @@ def plot_speedup(records, path):
             and r.get("mask") != "density"]
     ours.sort(key=lambda r: (r["pass"], r.get("seqlen_k", 0), r["config"]))
     passes = [p for p in PASS_TITLES if any(r["pass"] == p for r in ours)]
-    peers = [p for p in PEER_ORDER if any(f"ratio_vs_{p}" in r for r in ours)]
+    peers = [p for p in PEER_NAMES if any(f"ratio_vs_{p}" in r for r in ours)]
     if not passes or not peers:
         return None
     plt = _plt()

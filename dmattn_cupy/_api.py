@@ -6,6 +6,7 @@ backend (dmattn_cupy._cuda), imported only when CuPy input arrives.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -15,6 +16,7 @@ from ._arrays import is_cupy
 from ._validate import require_bool, validate_attention, validate_backward, validate_topk
 
 
+@functools.cache  # find_spec walks the import system: ~30 us, more than a decode step's kernels
 def _cuda_backend() -> ModuleType:
     if importlib.util.find_spec("dmattn_cupy._cuda") is None:
         raise NotImplementedError(
@@ -70,7 +72,10 @@ def topk_mask(bias, window, *, causal=False, block=None, mask=None):
     Entries hidden by `mask` (zero) or causal never count and are never kept; rows with fewer
     than `window` visible keys keep all of them; ties go to the earlier key. With `block`, a
     block of keys is kept whole when more than half of it was kept (the last partial block
-    uses its own length). Runs on NumPy or CuPy arrays alike.
+    uses its own length). NumPy arrays run the reference (dmattn_cupy._topk); CuPy arrays run a
+    per-row radix select kernel with the same result, bit for bit.
     """
     xp = validate_topk(bias, window, causal, block, mask)
+    if is_cupy(xp):
+        return _cuda_backend().topk_mask(bias, window, causal, block, mask)
     return _topk.topk_mask(bias, window, causal, block, mask, xp)

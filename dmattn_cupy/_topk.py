@@ -1,14 +1,18 @@
 """topk_mask: keep the `window` largest bias entries per query row, as a bool mask.
 
-Written against an array module `xp` (numpy or cupy), so one implementation serves both
-paths: only argsort, where, reshape, sum and fancy-index assignment are used.
+The reference path, run for NumPy arrays; CuPy arrays run kernels_cu/topk.cu, which gives the
+same result bit for bit (tests/test_topk_gpu.py). Written against an array module `xp`: only
+argsort, where, reshape, sum and fancy-index assignment are used.
 
 Steps for a bias of shape (B, H, Sq, Sk) (any of the first three dims may be 1):
     visible = (mask != 0) & (causal: j <= i + Sk - Sq)      hidden keys never count
     keep    = the `window` visible keys with the largest bias in each row
-              (ties go to the earlier key; rows with fewer visible keys keep them all)
+              (ties go to the earlier key; rows with fewer visible keys keep them all and fill
+              the window with their earliest hidden keys, then with visible NaN keys: NumPy
+              sorts NaN last)
     block   = optional: a block of `block` keys is kept when more than half of its keys are
-              (the last, partial block compares against its own length)
+              (the last, partial block compares against its own length; hidden keys that
+              filled the window count here)
     result  = keep & visible
 With causal, the query length is the bias's own Sq dim (a broadcast dim of 1 is one query row,
 the last, which sees every key).

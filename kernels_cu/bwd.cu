@@ -7,23 +7,44 @@
 //   dP_ij = dO_i . V_j
 //   dS_ij = P_ij (dP_ij - D_i)                softcap: dS_ij *= 1 - tanh_ij^2
 //   dbias_ij = dS_ij                          summed over bias's broadcast dims
-//   dQ_i += scale sum_j dS_ij K_j             fp32 atomics into dq_accum, scaled and converted
+//   dQ_i += scale sum_j dS_ij K_j             fp32 reductions into dq_accum, scaled and converted
 //   dK_j += scale sum_i dS_ij Q_i             by bwd_convert_dq_kernel
 //
-// bwd_dkdv_kernel: one CTA (4 warps) per (key tile of kBlockN = 64 keys, batch, kv head, head-dim
-// part). Warp w owns keys 16w..16w+15. The CTA walks the pairs (query tile m, query head h of the
-// group), m outer, h inner, visiting only the active ones (causal: tiles whose rows all precede
-// the key tile's diagonal are never visited; mask: a scan of the key tile's column strip sets one
-// bit per (query tile[, head]) that holds a kept key). For each pair:
+// bwd_dkdv_kernel: one CTA per (batch b and kv head hk = blockIdx.x, query chunk and head-dim part
+// = blockIdx.y, key tile of kBlockN keys = blockIdx.z). D <= 128: 8 warps, 128 keys; D > 128:
+// 4 warps, 64 keys, two head-dim parts (BwdTraits). Warp w owns keys 16w..16w+15. The CTA walks
+// the pairs (query tile m, query head h of the group) of its query range from the last query tile
+// down (m outer, h inner), visiting only the active ones (causal: tiles whose rows all precede the
+// key tile's diagonal are outside the range; mask: a scan of the key tile's column strip sets one
+// bit per (query tile[, head]) that holds a kept key). For each pair (one step):
 //   S^T = K Q^T and dP^T = V dO^T         16 x kBlockM per warp, K/V as A, Q/dO as B operands
-//   P^T, dS^T in registers                are already A fragments of the next products
+//   P^T, dS^T packed to T in registers    are already A fragments of the next products
 //   dV += P^T dO, dK += dS^T Q            register accumulators
-//   dS^T -> shared memory (as T)          then dQ = dS K, warps tiled over rows x columns
-// dbias: dS summed in registers over the heads of the group when the bias is per kv head (or one
-// head), or into per-head column sums in shared memory when the bias broadcasts over rows; fp32
-// atomics into dbias_accum when CTAs of several batches / kv heads share a dbias element.
+//   dS^T -> shared memory (as T)          then dQ = dS K, warps tiled over rows x columns, added
+//                                         to dq_accum from registers (sm_90: red.v2.f32)
+// dbias: dS (fp32) summed in shared memory (sDb) over the heads of the group that share a dbias
+// head, flushed after the query tile's last head; or into per-head column sums (sColSum) when the
+// bias broadcasts over rows; fp32 atomics into dbias_accum when CTAs of several batches / kv heads
+// share a dbias element.
 //
-// Shared memory (bytes):
+// dQ traffic: each step adds a kBlockM x D fp32 tile, so dq_accum receives (active area) x D / 128
+// adds: 128-key CTAs halve the 64-key count, and sm_90's red.global.add.v2.f32 (one request per
+// two adjacent columns, straight from the mma accumulators: no staging, no barrier) halves the
+// requests again. gqa8k_topk: ~0.4 G fp32 adds in ~0.1 G requests, 1.5 GB of L2 reduction
+// traffic spread over the kernel.
+//
+// Query chunks (load balance): a key tile's query tiles [m_begin, m_tiles) are cut from the top
+// into chunks of p.chunk_tiles (bwd_config picks it so that a grid of few CTAs, e.g. one kv head
+// under a causal mask, still has several waves of evenly sized CTAs). A key tile with several
+// chunks writes each chunk's fp32 dK, dV to dkv_partial; the chunk that finishes last (a counter)
+// sums them in chunk order (bitwise reproducible) and writes dK, dV.
+//
+// Launch order: blockIdx.x (b, hk) runs fastest, then the chunk, then the key tile: the heaviest
+// key tiles (causal: the first ones) of every (b, hk) start first, each with all its chunks (so
+// few CTAs of one (b, hk) start at the same query tile: in deterministic mode those queue up).
+//
+// Shared memory (bytes; bwd_config.py mirrors it), D <= 128 (kBlockN 128; kBlockM 64 at D = 64,
+// 32 at D = 128):
 //   buf[2]   per pair, double-buffered: sQ, sdO kBlockM x (D+8) x 2; sMask, sBias kBlockM x
 //            (kBlockN*E + 16); sLse, sDelta kBlockM x 4 (lse pre-multiplied by log2 e, -inf -> +inf)
 //   sK, sV   kBlockN x (D+8) x 2, loaded once
@@ -32,24 +53,47 @@
 //            that share a dbias head (each lane adds its own elements; flushed coalesced after (B));
 //            or, with a row-broadcast bias, sColSum group x kBlockN x 4: column sums per head slot
 //   sBits    group x m_tiles bits (only with a mask)
+//   bool mask + bf16 bias, buf[2] + sK, sV + sdS + sDb:
+//     D = 64:  2 x 45,568 + 36,864 + 18,432 + 33,792 = 180,224 + sBits
+//     D = 128: 2 x 30,976 + 69,632 + 10,240 + 16,896 = 158,720 + sBits
+//   (64 rows at D = 128 would need 245,760: more than the 227 KiB a CTA may use.)
+//   s_batch  (static) batch b's q, dout, mask, bias pointers, re-read after each barrier so that
+//            they do not hold 8 registers through the loop (D = 128 runs at the 255 cap)
 // Barriers per pair: (A) the pair's buffer has landed and every warp is done with the previous pair
-// (its buffer and sdS may be overwritten: the next pair's copies start here); (B) sdS is complete.
+// (its buffer, sdS and sDb may be overwritten: the next pair's copies start here); (B) sdS and sDb
+// are complete. Deterministic mode with a shared dbias adds one after a query tile's dbias flush.
 //
-// Deterministic mode: the dq_accum adds for (head-dim part, b, hk, m) are made in key-tile order
-// through a counter per query tile (turn = key tile index; every CTA passes every query tile,
-// skipped or not); dbias_accum adds for (key tile, shared dbias cell, m) in (b, hk) order likewise.
+// Deterministic mode (bwd_tiles.cuh, turn_wait): every dq_accum tile (b, h, m, dQ warp tile) takes
+// its adds in key-tile order: warp w of key tile n adds after the bits of key tiles 0..n-1 are set
+// (each warp waits and publishes on its own, with no CTA barrier). A CTA sets the bits of the
+// pairs it skips at its start. All CTAs walk the query tiles downwards, so the key tile n - 1,
+// launched before n, normally arrives at a tile first and n rarely waits. dbias_accum tiles shared
+// by several (b, hk) CTAs of one key tile are added in (b, hk) order likewise, per query tile.
 #include "params.cuh"
 #include "bwd_tiles.cuh"
 
 namespace dmattn {
 
+// One dbias element: an fp32 add into dbias_accum when CTAs share it, else a store in the bias dtype.
+template <typename T, int BIAS_BYTES>
+__device__ __forceinline__ void store_dbias(const BwdParams& p, i64 off, float x, bool atomic) {
+  if (atomic) {
+    atomicAdd(p.dbias_accum + off, x);
+  } else if constexpr (BIAS_BYTES == 4) {
+    static_cast<float*>(p.dbias)[off] = x;
+  } else {
+    static_cast<u16*>(p.dbias)[off] = static_cast<u16>(T::pack(x, 0.f) & 0xffffu);
+  }
+}
+
 template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
-__global__ void __launch_bounds__(BwdTraits<HEAD_DIM>::kThreads, BwdTraits<HEAD_DIM>::kMinBlocks)
+__global__ void __launch_bounds__(BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES>::kThreads,
+                                   BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES>::kMinBlocks)
 bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
-  typedef BwdTraits<HEAD_DIM> Tr;
+  typedef BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES> Tr;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads, ST = Tr::kStride;
   constexpr int NA = Tr::kNAtoms, KS = Tr::kKSteps, OA = Tr::kOutAtoms, DSST = Tr::kDsStride;
-  constexpr int QA = Tr::kDqAtoms;
+  constexpr int QA = Tr::kDqAtoms, DBST = Tr::kDbStride;
   constexpr int kMaskRow = MASK_BYTES ? aux_row_bytes(BN, MASK_BYTES) : 0;
   constexpr int kBiasRow = BIAS_BYTES ? aux_row_bytes(BN, BIAS_BYTES) : 0;
   constexpr int kBuf = bwd_buffer_bytes<HEAD_DIM, MASK_BYTES, BIAS_BYTES>();
@@ -57,22 +101,28 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
   const AttnParams& a = p.a;
 
-  // ---- what this CTA owns
-  const int n_tile = blockIdx.x, n0 = n_tile * BN;
-  const int b = blockIdx.y / a.kv_heads, hk = blockIdx.y % a.kv_heads;
-  const int d0 = blockIdx.z * Tr::kDOut;  // first output column of dK, dV, dQ
+  // ---- what this CTA owns: key tile n_tile of (b, hk), output columns d0.., query tiles [m_lo, m_hi)
+  const int b = blockIdx.x / a.kv_heads, hk = blockIdx.x % a.kv_heads;
+  const int n_tile = blockIdx.z, n0 = n_tile * BN;
+  const int part = blockIdx.y % Tr::kDSplit, chunk = blockIdx.y / Tr::kDSplit;
+  const int d0 = part * Tr::kDOut;  // first output column of dK, dV, dQ
   const int G = a.group, h_first = hk * G;
   const int Sq = a.seqlen_q, Sk = a.seqlen_k;
   const int m_tiles = (Sq + BM - 1) / BM;
   // Causal: row i sees key n0 iff i >= n0 - (Sk - Sq); earlier query tiles are never visited.
   const int m_begin = CAUSAL ? min(m_tiles, max(0, n0 - Sk + Sq) / BM) : 0;
-  const int p_begin = m_begin * G, p_end = m_tiles * G;  // pair index = m * G + (h - h_first)
+  // Chunk c holds [m_tiles - (c+1) L, m_tiles - c L) of [m_begin, m_tiles); chunk 0 always runs
+  // (with an empty range it writes dK = dV = 0).
+  const int L = p.chunk_tiles;
+  const int n_chunks = max(1, (m_tiles - m_begin + L - 1) / L);
+  if (chunk >= n_chunks) return;
+  const int m_hi = m_tiles - chunk * L, m_lo = max(m_begin, m_hi - L);
+  const int p_lo = m_lo * G, p_hi = m_hi * G;  // pair index = m * G + (h - h_first), walked downwards
 
   extern __shared__ __align__(16) unsigned char smem[];
   u16* sK = reinterpret_cast<u16*>(smem + 2 * kBuf);
   u16* sV = sK + BN * ST;
   u16* sdS = sV + BN * ST;
-  constexpr int DBST = BN + 4;  // row stride (floats) of sDb: a quad's rows land in distinct banks
   float* sDb = reinterpret_cast<float*>(sdS + BN * DSST);
   float* sColSum = sDb;
   const bool rows_reduced = BIAS_BYTES > 0 && p.dbias_rows_reduced;
@@ -84,17 +134,20 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   auto sLse = [&](int bi) { return reinterpret_cast<float*>(sBias(bi) + BM * kBiasRow); };
   auto sDelta = [&](int bi) { return sLse(bi) + BM; };
 
-  const u16* q = static_cast<const u16*>(a.q) + b * a.q_stride[0];
-  const u16* dout = static_cast<const u16*>(p.dout) + b * p.do_stride[0];
-  const u16* k = static_cast<const u16*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
-  const u16* v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
-  const unsigned char* mask = MASK_BYTES
-      ? static_cast<const unsigned char*>(a.mask) + b * a.mask_stride[0] * MASK_BYTES : nullptr;
-  const unsigned char* bias = BIAS_BYTES
-      ? static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES : nullptr;
   // The mask differs between the heads of the group only when it has one head per query head.
   const bool mask_per_head = MASK_BYTES > 0 && G > 1 && a.mask_head_div == 1 && a.mask_stride[1] != 0;
   const int mask_slots = mask_per_head ? G : 1;
+
+  // Batch b's q, dout, mask, bias: kept in shared memory, where the loop reads them after each
+  // barrier, rather than in 8 of the 255 registers through the whole loop.
+  __shared__ const unsigned char* s_batch[4];
+  if (threadIdx.x == 0) {
+    s_batch[0] = static_cast<const unsigned char*>(a.q) + b * a.q_stride[0] * 2;
+    s_batch[1] = static_cast<const unsigned char*>(p.dout) + b * p.do_stride[0] * 2;
+    s_batch[2] = static_cast<const unsigned char*>(a.mask) + b * a.mask_stride[0] * MASK_BYTES;
+    s_batch[3] = static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES;
+  }
+  __syncthreads();
 
   // ---- mask scan: one bit per (head slot, query tile) with a kept key in this key tile
   if constexpr (MASK_BYTES > 0) {
@@ -102,8 +155,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int i = threadIdx.x; i < words; i += NT) sBits[i] = 0u;
     __syncthreads();
     scan_mask_rows<MASK_BYTES, BN, BM, NT, CAUSAL>(
-        sBits, mask + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
-        a.mask_stride[1] * MASK_BYTES, mask_slots, a.mask_stride, n0, m_begin, m_tiles, Sq, Sk,
+        sBits, s_batch[2] + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
+        a.mask_stride[1] * MASK_BYTES, mask_slots, a.mask_stride, n0, m_lo, m_hi, m_tiles, Sq, Sk,
         a.mask_vec);
     __syncthreads();
   }
@@ -114,14 +167,50 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     }
     return true;
   };
-  auto next_pair = [&](int pr) {
-    while (pr < p_end && !active(pr)) ++pr;
+  auto next_pair = [&](int pr) {  // the first active pair at or below pr (p_lo - 1: none)
+    while (pr >= p_lo && !active(pr)) --pr;
     return pr;
   };
+
+  // ---- deterministic mode: the turn bits of this CTA's accumulators (bwd_tiles.cuh)
+  const bool det = p.deterministic != 0;
+  const int dq_words = (gridDim.z + 31) / 32;  // per dq_accum warp tile: one bit per key tile
+  auto dq_turns = [&](int h, int m, int wt) {
+    return p.turns + ((((static_cast<i64>(part) * a.batch + b) * a.heads + h) * m_tiles + m) * Tr::kDqWarps + wt) *
+                         dq_words;
+  };
+  const bool do_dbias = BIAS_BYTES > 0 && part == 0;  // one head-dim part writes dbias
+  const bool db_atomic = p.dbias_accum != nullptr;
+  // dbias cells shared by several CTAs (same key tile): over batch and/or over kv heads.
+  const bool db_bcast_b = p.dbias_stride[0] == 0 && a.batch > 1;
+  const bool db_bcast_h = p.dbias_stride[1] == 0 && a.kv_heads > 1;
+  const int db_turn = (db_bcast_b ? b : 0) * (db_bcast_h ? a.kv_heads : 1) + (db_bcast_h ? hk : 0);
+  const int db_words = ((db_bcast_b ? a.batch : 1) * (db_bcast_h ? a.kv_heads : 1) + 31) / 32;
+  const bool db_ordered = det && do_dbias && db_atomic;
+  const bool db_per_m = db_ordered && !rows_reduced;
+  auto db_turns = [&](int m) {  // m: query tile (0 for column sums)
+    const i64 dq_total = static_cast<i64>(Tr::kDSplit) * a.batch * a.heads * m_tiles * Tr::kDqWarps * dq_words;
+    const i64 cell =
+        (static_cast<i64>(n_tile) * a.batch + (db_bcast_b ? 0 : b)) * a.kv_heads + (db_bcast_h ? 0 : hk);
+    return p.turns + dq_total + (cell * (rows_reduced ? 1 : m_tiles) + m) * db_words;
+  };
+  if (det) {  // nothing to add at the pairs this CTA skips: their turns pass at once
+    for (int i = threadIdx.x; i < (m_hi - m_lo) * G; i += NT) {
+      const int pr = p_lo + i;
+      if (!active(pr))
+        for (int wt = 0; wt < Tr::kDqWarps; ++wt) turn_mark(dq_turns(h_first + pr % G, pr / G, wt), n_tile);
+    }
+    if (db_per_m) {
+      for (int m = m_lo + threadIdx.x; m < m_hi; m += NT)
+        if (next_pair(m * G + G - 1) < m * G) turn_mark(db_turns(m), db_turn);
+    }
+  }
 
   // ---- tile copies
   auto load_pair = [&](int pr, int bi) {
     const int m0 = (pr / G) * BM, h = h_first + pr % G;
+    const u16* q = reinterpret_cast<const u16*>(s_batch[0]);
+    const u16* dout = reinterpret_cast<const u16*>(s_batch[1]);
     const i64 head_off = static_cast<i64>(h) * a.q_stride[2];
     load_head_rows<HEAD_DIM, BM, NT>(sQ(bi), a.head_dim, a.q, [&](int r) -> const u16* {
       return m0 + r < Sq ? q + static_cast<i64>(m0 + r) * a.q_stride[1] + head_off : nullptr;
@@ -131,10 +220,10 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
       return m0 + r < Sq ? dout + static_cast<i64>(m0 + r) * p.do_stride[1] + do_head_off : nullptr;
     });
     if constexpr (MASK_BYTES > 0)
-      load_aux_tile<MASK_BYTES, BN, NT>(sMask(bi), mask + (h / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
+      load_aux_tile<MASK_BYTES, BN, NT>(sMask(bi), s_batch[2] + (h / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
                                         a.mask_stride, m0, BM, n0, Sq, Sk, a.mask_vec);
     if constexpr (BIAS_BYTES > 0)
-      load_aux_tile<BIAS_BYTES, BN, NT>(sBias(bi), bias + (h / a.bias_head_div) * a.bias_stride[1] * BIAS_BYTES,
+      load_aux_tile<BIAS_BYTES, BN, NT>(sBias(bi), s_batch[3] + (h / a.bias_head_div) * a.bias_stride[1] * BIAS_BYTES,
                                         a.bias_stride, m0, BM, n0, Sq, Sk, a.bias_vec);
     const i64 bh_row = (static_cast<i64>(b) * a.heads + h) * Sq;
     for (int i = threadIdx.x; i < BM; i += NT) {
@@ -145,14 +234,16 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     }
   };
 
+  const u16* k = static_cast<const u16*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
+  const u16* v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
   load_head_rows<HEAD_DIM, BN, NT>(sK, a.head_dim, a.k, [&](int r) -> const u16* {
     return n0 + r < Sk ? k + static_cast<i64>(n0 + r) * a.k_stride[1] : nullptr;
   });
   load_head_rows<HEAD_DIM, BN, NT>(sV, a.head_dim, a.v, [&](int r) -> const u16* {
     return n0 + r < Sk ? v + static_cast<i64>(n0 + r) * a.v_stride[1] : nullptr;
   });
-  int pr = next_pair(p_begin);
-  if (pr < p_end) load_pair(pr, 0);
+  int pr = next_pair(p_hi - 1);
+  if (pr >= p_lo) load_pair(pr, 0);
   cp_async_commit();
   if (BIAS_BYTES > 0) {
     const int n_db = rows_reduced ? G * BN : BM * DBST;
@@ -169,53 +260,30 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int e = 0; e < 4; ++e) { acc_dk[o][e] = 0.f; acc_dv[o][e] = 0.f; }
   const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
   const float inv_cap = 1.f / a.softcap;
-  const bool do_dbias = BIAS_BYTES > 0 && blockIdx.z == 0;  // one head-dim part writes dbias
-  const bool db_atomic = p.dbias_accum != nullptr;
-  // dbias cells shared by several CTAs (same key tile): over batch and/or over kv heads.
-  const bool db_bcast_b = p.dbias_stride[0] == 0 && a.batch > 1;
-  const bool db_bcast_h = p.dbias_stride[1] == 0 && a.kv_heads > 1;
-  const int db_turn = (db_bcast_b ? b : 0) * (db_bcast_h ? a.kv_heads : 1) + (db_bcast_h ? hk : 0);
-  const bool det = p.deterministic != 0;
-  int* dq_sems = p.semaphores + ((static_cast<i64>(blockIdx.z) * a.batch + b) * a.kv_heads + hk) * m_tiles;
-  int* db_sems = nullptr;
-  if (det && do_dbias && db_atomic) {
-    const i64 base = static_cast<i64>(gridDim.z) * a.batch * a.kv_heads * m_tiles;
-    const int m_slots = rows_reduced ? 1 : m_tiles;
-    db_sems = p.semaphores + base +
-              ((static_cast<i64>(n_tile) * a.batch + (db_bcast_b ? 0 : b)) * a.kv_heads + (db_bcast_h ? 0 : hk)) * m_slots;
-  }
-  const bool db_sem_per_m = db_sems != nullptr && !rows_reduced;
-  int sem_next = 0;        // deterministic (thread 0): first query tile not yet passed
-  int release_m = -1;      // deterministic: query tile whose counters are released at the next barrier
-  int prev_m = -1;
-  int buf = 0, visited = 0;
+  int steps = 0;  // pairs computed; the pair's buffer is steps % 2
 
-  while (pr < p_end) {
+  while (pr >= p_lo) {
     const int m = pr / G, hs = pr % G, h = h_first + hs, m0 = m * BM;
-    const int pn = next_pair(pr + 1);
-    const bool first_of_m = m != prev_m;
-    const bool last_of_m = pn >= p_end || pn / G != m;
+    const int buf = steps & 1;
+    const int pn = next_pair(pr - 1);
+    const bool last_of_m = pn < p_lo || pn / G != m;
     cp_async_wait<0>();
     __syncthreads();  // (A)
-    if (release_m >= 0 && threadIdx.x == 0) {
-      sem_release(dq_sems + release_m);
-      if (db_sem_per_m) sem_release(db_sems + release_m);
-    }
-    release_m = -1;
-    if (pn < p_end) load_pair(pn, buf ^ 1);
+    if (pn >= p_lo) load_pair(pn, buf ^ 1);
     cp_async_commit();
     const u16* q_s = sQ(buf);
     const u16* do_s = sdO(buf);
     const float* lse_s = sLse(buf);
     const float* delta_s = sDelta(buf);
 
-    // S^T = K Q^T, dP^T = V dO^T (keys x rows)
+    // S^T = K Q^T, dP^T = V dO^T (keys x rows). Two k16 steps per iteration: unrolled further,
+    // ptxas hoists fragment loads of later steps and spills at D >= 96 (KS is even).
     float s[NA][4], dp[NA][4];
 #pragma unroll
     for (int nt = 0; nt < NA; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) { s[nt][e] = 0.f; dp[nt][e] = 0.f; }
-#pragma unroll
+#pragma unroll 2
     for (int ks = 0; ks < KS; ++ks) {
       u32 ka[4], va[4];
       const int a_off = (key_w + (lane % 8) + ((lane >> 3) & 1) * 8) * ST + ks * 16 + (lane >> 4) * 8;
@@ -234,10 +302,15 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
       }
     }
 
-    // P = 2^(s2 - lse2) ; dS = P (dP - D) [* (1 - tanh^2)] ; s <- P, dp <- dS
+    // P = 2^(s2 - lse2) ; dS = P (dP - D) [* (1 - tanh^2)] ; dbias += dS (fp32) ; P^T, dS^T packed
+    // as pairs of T: [nt][0] = (key g, rows 2tq, 2tq+1 of atom nt), [nt][1] = key g + 8 — the A
+    // fragments of the next products and the rows of the sdS store
     const bool edge = n0 + BN > Sk || (CAUSAL && n0 + BN - 1 > m0 + Sk - Sq);
+    u32 p_t[NA][2], ds_t[NA][2];
+    float col0 = 0.f, col1 = 0.f;  // row-broadcast bias: this lane's dS summed over its rows
 #pragma unroll
-    for (int nt = 0; nt < NA; ++nt)
+    for (int nt = 0; nt < NA; ++nt) {
+      float pv[4], ds[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = key_w + g + (e >= 2 ? 8 : 0);  // key in the tile
@@ -248,7 +321,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
                        kBiasFloor);
         float x = s[nt][e], th = 0.f;
         if constexpr (SOFTCAP) {
-          th = tanhf(fmaf(x, scale_over_cap, bval * inv_cap));
+          th = fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap));
           x = cap_log2 * th;
         } else {
           x = fmaf(x, a.scale_log2, bval * kLog2e);
@@ -260,25 +333,25 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
           keep = keep && key < Sk && (!CAUSAL || key <= m0 + r + Sk - Sq);
         }
         // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
-        const float pv = keep ? fminf(fast_exp2(x - lse_s[r]), 1.f) : 0.f;
-        float ds = pv * (dp[nt][e] - delta_s[r]);
-        if constexpr (SOFTCAP) ds *= 1.f - th * th;
-        s[nt][e] = pv;
-        dp[nt][e] = ds;
+        pv[e] = keep ? fminf(fast_exp2(x - lse_s[r]), 1.f) : 0.f;
+        ds[e] = pv[e] * (dp[nt][e] - delta_s[r]);
+        if constexpr (SOFTCAP) ds[e] *= 1.f - th * th;
+        // dbias, dS summed over the group's heads: each element belongs to one lane, no race
+        if (do_dbias && !rows_reduced) sDb[r * DBST + col] += ds[e];
       }
+      col0 += ds[0] + ds[1];
+      col1 += ds[2] + ds[3];
+      p_t[nt][0] = T::pack(pv[0], pv[1]);
+      p_t[nt][1] = T::pack(pv[2], pv[3]);
+      ds_t[nt][0] = T::pack(ds[0], ds[1]);
+      ds_t[nt][1] = T::pack(ds[2], ds[3]);
+    }
 
-    // dV += P^T dO ; dK += dS^T Q (P^T, dS^T straight from the accumulators as A operands)
+    // dV += P^T dO ; dK += dS^T Q (P^T, dS^T from registers as A operands)
 #pragma unroll
     for (int kk = 0; kk < NA / 2; ++kk) {
-      u32 pa[4], da[4];
-      pa[0] = T::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = T::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = T::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = T::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      da[0] = T::pack(dp[2 * kk][0], dp[2 * kk][1]);
-      da[1] = T::pack(dp[2 * kk][2], dp[2 * kk][3]);
-      da[2] = T::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      da[3] = T::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      const u32 pa[4] = {p_t[2 * kk][0], p_t[2 * kk][1], p_t[2 * kk + 1][0], p_t[2 * kk + 1][1]};
+      const u32 da[4] = {ds_t[2 * kk][0], ds_t[2 * kk][1], ds_t[2 * kk + 1][0], ds_t[2 * kk + 1][1]};
 #pragma unroll
       for (int op = 0; op < OA / 2; ++op) {
         const int off = (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * ST + d0 + op * 16 + (lane >> 4) * 8;
@@ -296,47 +369,35 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 #pragma unroll
     for (int nt = 0; nt < NA; ++nt) {
       const int r = nt * 8 + 2 * tq;
-      *reinterpret_cast<u32*>(sdS + (key_w + g) * DSST + r) = T::pack(dp[nt][0], dp[nt][1]);
-      *reinterpret_cast<u32*>(sdS + (key_w + g + 8) * DSST + r) = T::pack(dp[nt][2], dp[nt][3]);
+      *reinterpret_cast<u32*>(sdS + (key_w + g) * DSST + r) = ds_t[nt][0];
+      *reinterpret_cast<u32*>(sdS + (key_w + g + 8) * DSST + r) = ds_t[nt][1];
     }
 
-    // dbias: column sums (bias broadcast over rows) or dS summed over the group's heads
+    // dbias of a row-broadcast bias: column sums per head slot (each key belongs to one warp: no
+    // race between warps); otherwise flush sDb after the tile's last head (or each head's own)
     bool flush_db = false;
     if (do_dbias) {
       if (rows_reduced) {
-        float c0 = 0.f, c1 = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NA; ++nt) { c0 += dp[nt][0] + dp[nt][1]; c1 += dp[nt][2] + dp[nt][3]; }
-        c0 = quad_sum(c0);
-        c1 = quad_sum(c1);
-        if (tq == 0) {  // each key belongs to one warp: no race between warps
+        col0 = quad_sum(col0);
+        col1 = quad_sum(col1);
+        if (tq == 0) {
           float* cs = sColSum + (p.dbias_head_div == 1 ? hs : 0) * BN + key_w + g;
-          cs[0] += c0;
-          cs[8] += c1;
+          cs[0] += col0;
+          cs[8] += col1;
         }
-      } else {  // each element belongs to one lane: no race
-#pragma unroll
-        for (int nt = 0; nt < NA; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            sDb[(nt * 8 + 2 * tq + (e & 1)) * DBST + key_w + g + (e >= 2 ? 8 : 0)] += dp[nt][e];
+      } else {
         flush_db = p.dbias_head_div == 1 || last_of_m;
       }
     }
 
-    if (det && first_of_m && threadIdx.x == 0) {
-      sem_pass(dq_sems, sem_next, m, n_tile);
-      sem_wait(dq_sems + m, n_tile);
-      if (db_sem_per_m) {
-        sem_pass(db_sems, sem_next, m, db_turn);
-        sem_wait(db_sems + m, db_turn);
-      }
-      sem_next = m + 1;
-    }
+    // deterministic dbias: the turn of tile m is held from its first pair (the highest active
+    // head) to the flush of its last
+    if (db_per_m && threadIdx.x == 0 && next_pair(m * G + G - 1) == pr) turn_wait(db_turns(m), db_turn);
     __syncthreads();  // (B)
 
-    // dQ += dS K (unscaled; bwd_convert_dq_kernel multiplies by scale)
-    {
+    // dQ += dS K (unscaled; bwd_convert_dq_kernel multiplies by scale): this warp's 16 rows x
+    // kDqCols columns, reduced into dq_accum (deterministic: in key-tile order, bwd_tiles.cuh)
+    if (warp < Tr::kDqWarps) {
       const int wm = warp % Tr::kDqWarpsM, wd = warp / Tr::kDqWarpsM;
       const int c0 = d0 + wd * Tr::kDqCols;
       float acc_dq[QA][4];
@@ -358,6 +419,11 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
           mma_16816<T>(acc_dq[2 * op + 1], da, kb[2], kb[3]);
         }
       }
+      u32* turns = det ? dq_turns(h, m, warp) : nullptr;
+      if (det) {
+        if (lane == 0) turn_wait(turns, n_tile);
+        __syncwarp();
+      }
       float* dqa = p.dq_accum + ((static_cast<i64>(b) * a.heads + h) * Sq) * a.head_dim;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
@@ -366,11 +432,14 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 #pragma unroll
         for (int o = 0; o < QA; ++o) {
           const int d = c0 + o * 8 + 2 * tq;
-          if (d < a.head_dim) {
-            atomicAdd(dqa + static_cast<i64>(row) * a.head_dim + d, acc_dq[o][2 * hh]);
-            atomicAdd(dqa + static_cast<i64>(row) * a.head_dim + d + 1, acc_dq[o][2 * hh + 1]);
-          }
+          if (d < a.head_dim)
+            red_add_f32x2(dqa + static_cast<i64>(row) * a.head_dim + d, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1]);
         }
+      }
+      if (det) {
+        __threadfence();  // each lane publishes its own adds
+        __syncwarp();
+        if (lane == 0) turn_mark(turns, n_tile);
       }
     }
 
@@ -386,33 +455,91 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
         const float x = sDb[r * DBST + c];
         sDb[r * DBST + c] = 0.f;
         if (row < Sq && key < Sk) {
-          const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
-          if (db_atomic) {
-            atomicAdd(p.dbias_accum + off, x);
-          } else if constexpr (BIAS_BYTES == 4) {
-            static_cast<float*>(p.dbias)[off] = x;
-          } else {
-            static_cast<u16*>(p.dbias)[off] = static_cast<u16>(T::pack(x, 0.f) & 0xffffu);
-          }
+          store_dbias<T, BIAS_BYTES>(p, base + static_cast<i64>(row) * p.dbias_stride[2] + key, x, db_atomic);
         }
       }
     }
+    if (db_per_m && last_of_m) {  // uniform: every thread has flushed its part of tile m
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) turn_mark(db_turns(m), db_turn);
+    }
 
-    if (det && last_of_m) release_m = m;
-    prev_m = m;
     pr = pn;
-    buf ^= 1;
-    ++visited;
+    ++steps;
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp's adds are done; sColSum is complete
-  if (det && threadIdx.x == 0) {
-    if (release_m >= 0) {
-      sem_release(dq_sems + release_m);
-      if (db_sem_per_m) sem_release(db_sems + release_m);
+
+  // ---- dbias of a row-broadcast bias: one column sum per (head slot, key); never chunked
+  if (rows_reduced && do_dbias) {
+    if (db_ordered) {
+      if (threadIdx.x == 0) turn_wait(db_turns(0), db_turn);
+      __syncthreads();
     }
-    sem_pass(dq_sems, sem_next, m_tiles, n_tile);
-    if (db_sem_per_m) sem_pass(db_sems, sem_next, m_tiles, db_turn);
+    const int slots = p.dbias_head_div == 1 ? G : 1;
+    for (int i = threadIdx.x; i < slots * BN; i += NT) {
+      const int slot = i / BN, key = n0 + i % BN;
+      if (key >= Sk) continue;
+      const int head = (h_first + slot) / p.dbias_head_div;
+      const i64 off = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1] + key;
+      store_dbias<T, BIAS_BYTES>(p, off, sColSum[i], db_atomic);
+    }
+    if (db_ordered) {
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) turn_mark(db_turns(0), db_turn);
+    }
+  }
+  if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(steps));
+
+  // ---- several chunks: this chunk's fp32 dK, dV to its slot (each thread its own fragments,
+  // float4 i at [i * NT + thread]); the last chunk to finish sums the slots in chunk order.
+  if (n_chunks > 1) {
+    __shared__ int is_last;
+    const i64 tile = (static_cast<i64>(part) * gridDim.x + blockIdx.x) * gridDim.z + n_tile;
+    const int max_chunks = gridDim.y / Tr::kDSplit;
+    float4* slots = reinterpret_cast<float4*>(p.dkv_partial) + tile * max_chunks * (2 * OA * NT);
+    float4* mine = slots + chunk * (2 * OA * NT);
+#pragma unroll
+    for (int o = 0; o < OA; ++o) {
+      mine[o * NT + threadIdx.x] = make_float4(acc_dk[o][0], acc_dk[o][1], acc_dk[o][2], acc_dk[o][3]);
+      mine[(OA + o) * NT + threadIdx.x] = make_float4(acc_dv[o][0], acc_dv[o][1], acc_dv[o][2], acc_dv[o][3]);
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      is_last = atomicAdd(p.dkv_count + tile, 1) == n_chunks - 1;
+      __threadfence();  // acquire: the other chunks' slots are read after this
+    }
+    __syncthreads();
+    if (!is_last) return;
+    // dK, dV = 0 + slot 0 + slot 1 + ... (read from L2, in this order whichever chunk is last;
+    // four column atoms at a time, so that at most 32 loaded registers are in flight)
+#pragma unroll
+    for (int o = 0; o < OA; ++o)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) { acc_dk[o][e] = 0.f; acc_dv[o][e] = 0.f; }
+    static_assert(OA % 4 == 0, "column atoms in groups of four");
+#pragma unroll
+    for (int o0 = 0; o0 < OA; o0 += 4) {
+#pragma unroll 1
+      for (int c = 0; c < n_chunks; ++c) {
+        const float4* src = slots + c * (2 * OA * NT);
+#pragma unroll
+        for (int o = o0; o < o0 + 4; ++o) {
+          const float4 x = __ldcg(src + o * NT + threadIdx.x), y = __ldcg(src + (OA + o) * NT + threadIdx.x);
+          acc_dk[o][0] += x.x;
+          acc_dk[o][1] += x.y;
+          acc_dk[o][2] += x.z;
+          acc_dk[o][3] += x.w;
+          acc_dv[o][0] += y.x;
+          acc_dv[o][1] += y.y;
+          acc_dv[o][2] += y.z;
+          acc_dv[o][3] += y.w;
+        }
+      }
+    }
   }
 
   // ---- dK, dV (dK scaled) for this warp's 16 keys and this CTA's columns
@@ -435,35 +562,6 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
       }
     }
   }
-
-  // ---- dbias of a row-broadcast bias: one column sum per (head slot, key)
-  if (rows_reduced && do_dbias) {
-    const bool det_db = db_sems != nullptr;
-    if (det_db) {
-      if (threadIdx.x == 0) sem_wait(db_sems, db_turn);
-      __syncthreads();
-    }
-    const int slots = p.dbias_head_div == 1 ? G : 1;
-    for (int i = threadIdx.x; i < slots * BN; i += NT) {
-      const int slot = i / BN, key = n0 + i % BN;
-      if (key >= Sk) continue;
-      const int head = (h_first + slot) / p.dbias_head_div;
-      const i64 off = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1] + key;
-      const float x = sColSum[i];
-      if (db_atomic) {
-        atomicAdd(p.dbias_accum + off, x);
-      } else if constexpr (BIAS_BYTES == 4) {
-        static_cast<float*>(p.dbias)[off] = x;
-      } else {
-        static_cast<u16*>(p.dbias)[off] = static_cast<u16>(T::pack(x, 0.f) & 0xffffu);
-      }
-    }
-    if (det_db) {
-      __syncthreads();
-      if (threadIdx.x == 0) sem_release(db_sems);
-    }
-  }
-  if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(visited));
 }
 
 // D = rowsum(dO * O) in fp32, and zeroes the row of dq_accum; one warp per (batch, head, row).

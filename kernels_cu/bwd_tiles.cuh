@@ -1,67 +1,84 @@
 // bwd_tiles.cuh — what only the backward needs: tile shapes per head dim, the transposed mask scan
-// (which query tiles can see one key tile) and the ordering semaphores of deterministic mode.
+// (which query tiles can see one key tile), the dQ reduction into global memory and the ordered
+// turns of deterministic mode.
 #pragma once
 #include "mask.cuh"
 
 namespace dmattn {
 
-// One CTA (4 warps) owns kBlockN = 64 keys of one kv head; warp w owns keys 16w..16w+15 and keeps
-// their dK, dV (16 x kDOut fp32 each) in registers. Head dims above 128 are split over kDSplit CTAs
-// (blockIdx.z) that each accumulate kDOut output columns of dK, dV and dQ, recomputing S and dP
-// over the full head dim (1.4x the flops, but no spills).
-template <int HEAD_DIM>
+// Largest divisor of n that is <= cap (n, cap >= 1).
+__host__ __device__ constexpr int largest_divisor_at_most(int n, int cap) {
+  return cap >= n ? n : n % cap == 0 ? cap : largest_divisor_at_most(n, cap - 1);
+}
+
+// One CTA owns kBlockN = 16 * kWarps keys of one kv head; warp w owns keys 16w..16w+15 and keeps
+// their dK, dV (16 x kDOut fp32 each) in registers, and S^T, dP^T (16 x kBlockM) for one step.
+//   D <= 128: 8 warps, 128 keys, one CTA per multiprocessor (255 registers per thread).
+//     Registers per lane: dK + dV = 2 * 16 * D / 32 = D, S^T + dP^T = 2 * 16 * kBlockM / 32 = kBlockM.
+//     kBlockM = 64 at D <= 64 (128 accumulators), 32 at D = 96, 128 (128 + 32 = 160 at D = 128;
+//     64 rows would need 192 and more shared memory than a multiprocessor has, see bwd.cu).
+//     Also 32 at D <= 64 when mask + bias take more than 4 bytes per element (e.g. float32 mask
+//     and bias: 64 rows would need 256 KiB of shared memory).
+//   D > 128: split over kDSplit = 2 CTAs (blockIdx.z) that each accumulate kDOut output columns of
+//     dK, dV and dQ, recomputing S and dP over the full head dim (1.4x the flops, but no spills);
+//     4 warps, 64 keys, two CTAs per multiprocessor.
+// AUX_BYTES: bytes of one mask element plus one bias element (0 without either).
+template <int HEAD_DIM, int AUX_BYTES>
 struct BwdTraits {
   static constexpr int kHeadDim = HEAD_DIM;
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  // Two CTAs per multiprocessor: caps registers at 255 per thread (ptxas would otherwise pick a
-  // lower count for small head dims and spill).
-  static constexpr int kMinBlocks = 2;
-  static constexpr int kBlockN = 16 * kWarps;                 // keys per CTA
   static constexpr int kDSplit = HEAD_DIM > 128 ? 2 : 1;      // CTAs along the head dim
   static constexpr int kDOut = HEAD_DIM / kDSplit;            // output columns per CTA
-  // Query rows per step: S^T and dP^T (16 x kBlockM per warp) live beside dK and dV (kDOut fp32
-  // per lane); 32 rows at kDOut = 128 spill 24-52 bytes with mask + bias (+ softcap), 16 do not.
-  static constexpr int kBlockM = kDOut <= 64 ? 64 : kDOut <= 96 ? 32 : 16;
+  static constexpr int kWarps = kDSplit == 1 ? 8 : 4;
+  static constexpr int kThreads = kWarps * 32;
+  // Caps registers at 255 per thread either way (ptxas would otherwise pick fewer and spill).
+  static constexpr int kMinBlocks = kDSplit == 1 ? 1 : 2;
+  static constexpr int kBlockN = 16 * kWarps;                 // keys per CTA
+  // Query rows per step (see above); at D > 128, 32 rows at kDOut = 96 and 16 at kDOut = 128.
+  static constexpr int kBlockM =
+      kDOut <= 64 && AUX_BYTES <= 4 ? 64 : (kDSplit == 1 || kDOut <= 96) ? 32 : 16;
   static constexpr int kNAtoms = kBlockM / 8;                 // 8-row column tiles of S^T
   static constexpr int kKSteps = HEAD_DIM / 16;               // k16 steps of K Q^T and V dO^T
   static constexpr int kOutAtoms = kDOut / 8;                 // 8-wide column tiles of dK, dV
   static constexpr int kStride = HEAD_DIM + 8;                // smem row stride of Q, dO, K, V
   static constexpr int kDsStride = kBlockM + 8;               // smem row stride of dS^T (keys x rows)
-  // dQ = dS K: warps tile (kBlockM rows) x (kDOut columns) as kDqWarpsM x kDqWarpsD.
+  static constexpr int kDbStride = kBlockN + 4;               // smem row stride (floats) of sDb
+  // dQ = dS K (kBlockM x kDOut): warps tile it as kDqWarpsM (16-row slabs) x kDqWarpsD (kDqCols
+  // columns each, a whole number of 16-column pairs); kWarps - kDqWarps warps idle (only D = 96).
   static constexpr int kDqWarpsM = kBlockM / 16;
-  static constexpr int kDqWarpsD = kWarps / kDqWarpsM;
+  static constexpr int kDqWarpsD = largest_divisor_at_most(kDOut / 16, kWarps / kDqWarpsM);
+  static constexpr int kDqWarps = kDqWarpsM * kDqWarpsD;
   static constexpr int kDqCols = kDOut / kDqWarpsD;
   static constexpr int kDqAtoms = kDqCols / 8;
   static_assert(HEAD_DIM % 16 == 0 && kDOut % 16 == 0, "whole k16 steps and 16-column pairs");
-  static_assert(kDqWarpsM * kDqWarpsD == kWarps && kDqCols % 16 == 0, "dQ warp tiling");
+  static_assert(kDqWarpsM <= kWarps && kDqCols % 16 == 0, "dQ warp tiling");
+  static_assert(kBlockM <= kThreads, "one lse/delta load per thread");
 };
 
 // Bytes of one pipeline buffer (everything that changes per (query tile, head) step):
 // sQ, sdO (kBlockM x (D+8) x 2), sMask, sBias (kBlockM x aux_row_bytes), sLse, sDelta (kBlockM x 4).
 template <int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES>
 __host__ __device__ constexpr int bwd_buffer_bytes() {
-  typedef BwdTraits<HEAD_DIM> Tr;
+  typedef BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES> Tr;
   return 2 * Tr::kBlockM * Tr::kStride * 2 +
          Tr::kBlockM * (MASK_BYTES ? aux_row_bytes(Tr::kBlockN, MASK_BYTES) : 0) +
          Tr::kBlockM * (BIAS_BYTES ? aux_row_bytes(Tr::kBlockN, BIAS_BYTES) : 0) + 2 * Tr::kBlockM * 4;
 }
 
-// Transposed scan for one key tile [key0, key0 + BLOCK_N): sets bit (slot * m_tiles + m) when a row
-// of query tile m (m >= m_begin) has a kept, causally visible key in the tile, for mask head
-// `slot` (base + slot * slot_stride bytes). Causality is applied at 16-byte-chunk granularity
-// (conservative). `bits` must be zeroed; the result is visible after a barrier.
-// Work item = (slot, row): a thread reads that row's BLOCK_N * ELEM contiguous bytes.
+// Transposed scan for one key tile [key0, key0 + BLOCK_N) and the query tiles [m_lo, m_hi): sets
+// bit (slot * m_tiles + m) when a row of query tile m has a kept, causally visible key in the
+// tile, for mask head `slot` (base + slot * slot_stride bytes). Causality is applied at
+// 16-byte-chunk granularity (conservative). `bits` must be zeroed; the result is visible after a
+// barrier. Work item = (slot, row): a thread reads that row's BLOCK_N * ELEM contiguous bytes.
 template <int ELEM, int BLOCK_N, int BLOCK_M, int THREADS, bool CAUSAL>
 __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_stride, int slots,
-                               const i64 (&stride)[4], int key0, int m_begin, int m_tiles,
+                               const i64 (&stride)[4], int key0, int m_lo, int m_hi, int m_tiles,
                                int seqlen_q, int seqlen_k, bool vec) {
   typedef typename Raw<ELEM>::type E;
   constexpr int kPerChunk = 16 / ELEM;
   constexpr int kChunks = BLOCK_N / kPerChunk;
   const bool row_bcast = stride[2] == 0;  // one distinct row: decides every query tile at once
-  const int row_begin = m_begin * BLOCK_M;
-  const int rows = row_bcast ? 1 : seqlen_q - row_begin;
+  const int row_begin = m_lo * BLOCK_M;
+  const int rows = row_bcast ? 1 : min(seqlen_q, m_hi * BLOCK_M) - row_begin;
   if (rows <= 0) return;
 #pragma unroll 1
   for (int item = threadIdx.x; item < slots * rows; item += THREADS) {
@@ -87,34 +104,51 @@ __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_st
     }
     if (!keep) continue;
     if (row_bcast) {
-      for (int m = m_begin; m < m_tiles; ++m) atomicOr(&bits[(slot * m_tiles + m) >> 5], 1u << ((slot * m_tiles + m) & 31));
+      for (int m = m_lo; m < m_hi; ++m) atomicOr(&bits[(slot * m_tiles + m) >> 5], 1u << ((slot * m_tiles + m) & 31));
     } else {
       atomicOr(&bits[bit >> 5], 1u << (bit & 31));
     }
   }
 }
 
-// ---- deterministic mode: turn-taking counters in global memory (one thread per CTA calls these).
-// A CTA waits until the counter equals its turn, adds its contribution, and increments the counter
-// after a barrier (release after every thread's adds). Waits only ever target CTAs of lower linear
-// block index, which the hardware launches first, so the chain always makes progress.
-__device__ __forceinline__ void sem_wait(const int* sem, int turn) {
-  int v;
-  do {
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(sem) : "memory");
-  } while (v != turn);
+// dst[0..1] += (x, y) in fp32, atomically per element (dq_accum, 8-byte aligned). sm_90 has a
+// vector reduction (PTX ISA 8.1, CUDA 12.1): one request for both elements, half the L2
+// operations of two scalar ones, which sm_80 (or an older compiler) issues instead.
+__device__ __forceinline__ void red_add_f32x2(float* dst, float x, float y) {
+#if __CUDA_ARCH__ >= 900 && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1201)
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
 }
 
-__device__ __forceinline__ void sem_release(int* sem) {
-  asm volatile("fence.acq_rel.gpu;\nred.relaxed.gpu.global.add.s32 [%0], 1;\n" :: "l"(sem) : "memory");
-}
-
-// Takes (waits for) and immediately passes every counter in [from, to): tiles this CTA skipped.
-__device__ __forceinline__ void sem_pass(int* sems, int from, int to, int turn) {
-  for (int i = from; i < to; ++i) {
-    sem_wait(sems + i, turn);
-    sem_release(sems + i);
+// ---- deterministic mode: ordered turns. The contributions to one accumulator (a dq_accum tile,
+// a shared dbias_accum tile) are added in a fixed turn order 0, 1, 2, ...: turn t may add once
+// bits [0, t) of the accumulator's words are all set. A contributor sets its bit after its adds
+// (each adding thread fences, then a barrier, then one thread marks: turn_done when that thread is
+// the only adder), or at once when it has nothing to add there, so nobody ever waits on a
+// contributor that skips. Waits only ever target CTAs of lower linear block index, which the
+// hardware launches first, so the chain always progresses.
+__device__ __forceinline__ void turn_wait(const u32* words, int turn) {
+  for (int w = 0; w * 32 < turn; ++w) {
+    const u32 need = turn - w * 32 >= 32 ? 0xffffffffu : (1u << (turn - w * 32)) - 1u;
+    u32 v;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(words + w) : "memory");
+    } while ((v & need) != need);
   }
+}
+
+__device__ __forceinline__ void turn_mark(u32* words, int turn) {
+  asm volatile("red.relaxed.gpu.global.or.b32 [%0], %1;\n" :: "l"(words + turn / 32), "r"(1u << (turn % 32))
+               : "memory");
+}
+
+// Publishes the adds of the calling thread and of every thread that passed a barrier with it.
+__device__ __forceinline__ void turn_done(u32* words, int turn) {
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  turn_mark(words, turn);
 }
 
 }  // namespace dmattn

@@ -62,11 +62,27 @@ struct BwdParams {
   i64 dbias_stride[4];     // batch, head, row, key of dbias (or dbias_accum); 0 where reduced
   int dbias_rows_reduced;  // 1: bias broadcasts over query rows (sum dS over rows)
   int dbias_head_div;      // query head h adds into dbias head h / dbias_head_div
-  int deterministic;       // 1: dq and dbias_accum are added in a fixed order
-  int* semaphores;         // (B*H... ) ordering counters for deterministic mode
+  int deterministic;       // 1: dq_accum and dbias_accum are added in a fixed order
+  int chunk_tiles;         // query tiles per CTA: a key tile's query range is cut, from the last
+                           // query tile down, into chunks of this many (one chunk: all of it)
+  u32* turns;              // deterministic mode, zeroed: ordering bits of the dq_accum tiles, then
+                           // of the shared dbias_accum tiles (bwd_tiles.cuh, turn_wait)
+  float* dkv_partial;      // key tiles cut into several chunks: fp32 dK, dV of each chunk
+  int* dkv_count;          // chunks finished per (head-dim part, b, kv head, key tile), zeroed
   u64* tiles_visited;
-  int pad1;
-  int pad2;
+};
+
+// topk_mask (topk.cu): one CTA per row of a bias (B, H, Sq, Sk); rows in C order.
+struct TopkParams {
+  const void* bias;        // (B, H, Sq, Sk), float16/bfloat16/float32/float64
+  const void* mask;        // broadcastable to bias (dims full or 1), or null
+  unsigned char* out;      // (B, H, Sq, Sk) bool, contiguous
+  i64 bias_stride[4];      // batch, head, row, key
+  i64 mask_stride[4];      // 0 along broadcast dims
+  int heads, seqlen_q, seqlen_k;
+  int window;              // keys kept per row, 1..Sk
+  int block;               // smoothing block in keys (<= Sk), 0: no smoothing
+  int causal;              // 1: query i sees key j iff j <= i + Sk - Sq
 };
 
 }  // namespace dmattn

@@ -25,11 +25,12 @@ struct OnlineSoftmax {
       for (int h = 0; h < 2; ++h) { row_max[a][h] = neg_inf(); row_sum[a][h] = 0.f; }
   }
 
-  // Turns s2 into p in place and rescales the output accumulator. The rescale (MA*DA*4
-  // multiplies, as many as the tile's mma count) is skipped by the whole warp when no row's
-  // maximum moved, which after the first few key tiles is the common case.
-  __device__ __forceinline__ void update(float (&s)[MA][NA][4], float (&acc_o)[MA][DA][4]) {
-    float alpha[MA][2];
+  // Turns s2 into p in place and sets alpha, the factor that rescales what O summed so far.
+  // Returns false when no row of the warp moved its maximum (after the first few key tiles the
+  // common case): then the rescale (MA*DA*4 multiplies, as many as the tile's mma count) is
+  // skipped by the whole warp. It is a separate step so that the Hopper loop can rescale O only
+  // once the previous tile's P V, still accumulating into O, has completed.
+  __device__ __forceinline__ bool update(float (&s)[MA][NA][4], float (&alpha)[MA][2]) {
     bool moved = false;
 #pragma unroll
     for (int a = 0; a < MA; ++a) {
@@ -55,15 +56,18 @@ struct OnlineSoftmax {
         row_sum[a][h] = row_sum[a][h] * alpha[a][h] + sum;
       }
     }
-    if (__any_sync(0xffffffffu, moved)) {
+    return __any_sync(0xffffffffu, moved);
+  }
+
+  // O *= alpha, row by row.
+  static __device__ __forceinline__ void rescale(float (&acc_o)[MA][DA][4], const float (&alpha)[MA][2]) {
 #pragma unroll
-      for (int a = 0; a < MA; ++a)
+    for (int a = 0; a < MA; ++a)
 #pragma unroll
-        for (int dt = 0; dt < DA; ++dt) {
-          acc_o[a][dt][0] *= alpha[a][0]; acc_o[a][dt][1] *= alpha[a][0];
-          acc_o[a][dt][2] *= alpha[a][1]; acc_o[a][dt][3] *= alpha[a][1];
-        }
-    }
+      for (int dt = 0; dt < DA; ++dt) {
+        acc_o[a][dt][0] *= alpha[a][0]; acc_o[a][dt][1] *= alpha[a][0];
+        acc_o[a][dt][2] *= alpha[a][1]; acc_o[a][dt][3] *= alpha[a][1];
+      }
   }
 
   // 1 / l for the row (0 for a row that saw no key) and its natural-log lse; reduces over the quad.

@@ -5,12 +5,30 @@
 
 namespace dmattn {
 
-// Loads ROWS rows of HEAD_DIM elements into shared memory (row stride `stride` elements).
-// row_ptr(r) gives row r's global address, or nullptr for a row outside the problem; such rows
-// and columns >= head_dim are zero-filled, so they add nothing to any product.
-template <int HEAD_DIM, int ROWS, int THREADS, typename RowPtr>
-__device__ __forceinline__ void load_head_rows(u16* smem, int head_dim, const void* any_valid,
-                                               RowPtr row_ptr) {
+// Shared-memory layouts of a ROWS x HEAD_DIM tile: offset(r, c) is the element offset of row r's
+// 16-byte chunk c; kRowElems what one row down adds to it (rows a multiple of 8 apart share the
+// swizzle phase).
+//   PaddedRows     rows of D + 8 elements: the 8 rows an ldmatrix reads sit in 8 bank groups
+//   Swizzled128    Hopper wgmma slabs (wgmma.cuh): 64 columns per slab of ROWS x 128 bytes, chunk c
+//                  of row r at chunk (c % 8) ^ (r % 8)
+template <int HEAD_DIM>
+struct PaddedRows {
+  static constexpr int kRowElems = HEAD_DIM + 8;
+  static __device__ __forceinline__ int offset(int r, int c) { return r * (HEAD_DIM + 8) + c * 8; }
+};
+template <int ROWS>
+struct Swizzled128 {
+  static constexpr int kRowElems = 64;
+  static __device__ __forceinline__ int offset(int r, int c) {
+    return (c / 8) * ROWS * 64 + r * 64 + (((c % 8) ^ (r % 8)) * 8);
+  }
+};
+
+// Loads ROWS rows of HEAD_DIM elements into shared memory (Layout). row_ptr(r) gives row r's
+// global address, or nullptr for a row outside the problem; such rows and columns >= head_dim are
+// zero-filled, so they add nothing to any product.
+template <int HEAD_DIM, int ROWS, int THREADS, typename Layout, typename RowPtr>
+__device__ __forceinline__ void load_rows(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
   constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
   // Not unrolled: unrolling hoists every chunk's address into registers for the whole kernel.
 #pragma unroll 1
@@ -18,8 +36,43 @@ __device__ __forceinline__ void load_head_rows(u16* smem, int head_dim, const vo
     const int r = i / kChunks, c = i % kChunks;
     const u16* g = row_ptr(r);
     const bool valid = g != nullptr && c * 8 < head_dim;
-    cp_async_16(smem_u32(smem + r * (HEAD_DIM + 8) + c * 8), valid ? g + c * 8 : any_valid, valid);
+    cp_async_16(smem_u32(smem + Layout::offset(r, c)), valid ? g + c * 8 : any_valid, valid);
   }
+}
+
+// The same for rows at a fixed stride: row r at gmem + r * row_stride, rows >= valid_rows
+// zero-filled. This is the per-key-tile copy (K and V), so it is written for few instructions:
+// when THREADS is a multiple of the chunks per row, each thread keeps one column chunk and walks
+// rows THREADS / kChunks apart (a multiple of 8, so the swizzle phase is fixed too): one pointer
+// add, one compare and one cp.async per 16 bytes, no division.
+template <int HEAD_DIM, int ROWS, int THREADS, typename Layout>
+__device__ __forceinline__ void load_strided_rows(u16* smem, const u16* gmem, i64 row_stride,
+                                                  int valid_rows, int head_dim) {
+  constexpr int kChunks = HEAD_DIM / 8;
+  if constexpr (THREADS % kChunks == 0 && (THREADS / kChunks) % 8 == 0 && ROWS * kChunks % THREADS == 0) {
+    constexpr int kRowStep = THREADS / kChunks;
+    const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+    const bool col_ok = c * 8 < head_dim;
+    const u16* g = gmem + r0 * row_stride + c * 8;
+    const u32 s0 = smem_u32(smem + Layout::offset(r0, c));
+#pragma unroll
+    for (int j = 0; j < ROWS * kChunks / THREADS; ++j) {
+      const bool valid = col_ok && r0 + j * kRowStep < valid_rows;
+      cp_async_16(s0 + 2 * j * kRowStep * Layout::kRowElems, valid ? g : gmem, valid);
+      g += kRowStep * row_stride;
+    }
+  } else {
+    load_rows<HEAD_DIM, ROWS, THREADS, Layout>(smem, head_dim, gmem, [&](int r) -> const u16* {
+      return r < valid_rows ? gmem + r * row_stride : nullptr;
+    });
+  }
+}
+
+// Loads ROWS rows into a PaddedRows tile (the backward's Q/dO/K/V tiles).
+template <int HEAD_DIM, int ROWS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_head_rows(u16* smem, int head_dim, const void* any_valid,
+                                               RowPtr row_ptr) {
+  load_rows<HEAD_DIM, ROWS, THREADS, PaddedRows<HEAD_DIM>>(smem, head_dim, any_valid, row_ptr);
 }
 
 // A (rows x block_n) tile of a mask or bias, element size ELEM bytes, read through strides.

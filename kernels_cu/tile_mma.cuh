@@ -1,9 +1,10 @@
 // tile_mma.cuh — the two tile matmuls of the forward, S = Q K^T and O += P V, behind one
 // interface, with the shared-memory layout of Q/K/V tiles they need:
 //   MmaSyncTiles — mma.sync m16n8k16 + ldmatrix (sm_80 and later), rows padded to D + 8;
-//   WgmmaTiles   — Hopper wgmma (sm_90a), 64-row warpgroup tiles in 128-byte swizzled slabs.
+//   WgmmaTiles   — Hopper wgmma (sm_90a), 64-row warpgroup tiles in 128-byte swizzled slabs,
+//                  issued asynchronously (the caller waits).
 // Both hand the kernel S and O in the same register layout (wgmma.cuh says why), so the score
-// transform, the online softmax and the epilogue are shared.
+// transform, the online softmax and the epilogue are shared (fwd_block.cuh).
 #pragma once
 #include "tile_io.cuh"
 #include "wgmma.cuh"
@@ -29,11 +30,7 @@ struct MmaSyncTiles {
 
   static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * kStride * 2; }
 
-  template <int ROWS, typename RowPtr>
-  static __device__ __forceinline__ void load(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
-    load_head_rows<HEAD_DIM, ROWS, Tr::kThreads>(smem, head_dim, any_valid, row_ptr);
-  }
-
+  template <int ROWS> using Layout = PaddedRows<HEAD_DIM>;
   // After this thread's copies landed, before the barrier: ldmatrix reads them as they are.
   static __device__ __forceinline__ void copies_visible() {}
 
@@ -90,7 +87,8 @@ struct MmaSyncTiles {
   }
 };
 
-// One warpgroup (4 warps) per CTA, 64 query rows, 64-key tiles; HEAD_DIM 64 or 128.
+// One warpgroup (4 warps) per CTA, 64 query rows, 64-key tiles; HEAD_DIM 64 or 128. The products
+// are asynchronous: fwd_wgmma.cu overlaps them with the softmax.
 template <typename T, int HEAD_DIM>
 struct WgmmaTiles {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma tiles: D = 64 or 128");
@@ -101,26 +99,14 @@ struct WgmmaTiles {
 
   static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * HEAD_DIM * 2; }
 
-  // Row r, 16-byte chunk c of a ROWS-row tile: slab c / 8, chunk (c % 8) ^ (r % 8) of row r.
-  template <int ROWS, typename RowPtr>
-  static __device__ __forceinline__ void load(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
-    constexpr int kChunks = HEAD_DIM / 8;
-#pragma unroll 1
-    for (int i = threadIdx.x; i < ROWS * kChunks; i += 128) {
-      const int r = i / kChunks, c = i % kChunks;
-      const u16* g = row_ptr(r);
-      const bool valid = g != nullptr && c * 8 < head_dim;
-      u16* dst = smem + (c / 8) * ROWS * kSlabElems + r * kSlabElems + (((c % 8) ^ (r % 8)) * 8);
-      cp_async_16(smem_u32(dst), valid ? g + c * 8 : any_valid, valid);
-    }
-  }
+  template <int ROWS> using Layout = Swizzled128<ROWS>;
 
   // cp.async writes through the generic proxy; wgmma reads through the async proxy.
   static __device__ __forceinline__ void copies_visible() { fence_proxy_async(); }
 
-  static __device__ __forceinline__ void qk(float (&s)[1][NA][4], const u16* sQ, const u16* sK, int, int) {
+  // Issues S = Q K^T (one commit group; the caller fences before and waits after).
+  static __device__ __forceinline__ void qk_issue(float (&s)[1][NA][4], const u16* sQ, const u16* sK) {
     float (&d)[NA * 4] = reinterpret_cast<float (&)[NA * 4]>(s[0]);
-    wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       const int slab = ks / 4, in_slab = (ks % 4) * 16;  // 16 columns = 32 bytes
@@ -129,16 +115,18 @@ struct WgmmaTiles {
       wgmma_ss_m64n64k16(d, da, db, ks > 0, T());
     }
     wgmma_commit();
-    wgmma_wait<0>();
   }
 
-  static __device__ __forceinline__ void pv(float (&acc_o)[1][DA][4], const float (&s)[1][NA][4],
-                                            const u16* sV, int) {
-    float (&d)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
-    u32 pa[NA / 2][4];
+  // P (softmax numerators, the S accumulator) as the A operand of P V: 16 keys per k-step.
+  static __device__ __forceinline__ void pack(u32 (&pa)[NA / 2][4], const float (&s)[1][NA][4]) {
 #pragma unroll
     for (int kk = 0; kk < NA / 2; ++kk) pack_p<T, NA>(pa[kk], s[0], kk);
-    wgmma_fence();
+  }
+
+  // Issues O += P V (one commit group). pa and acc_o belong to the wgmma until it is waited for.
+  static __device__ __forceinline__ void pv_issue(float (&acc_o)[1][DA][4], const u32 (&pa)[NA / 2][4],
+                                                  const u16* sV) {
+    float (&d)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
 #pragma unroll
     for (int kk = 0; kk < NA / 2; ++kk) {
       // keys 16kk..16kk+15: 16 rows of 128 bytes; the next 64 columns of V are one slab further
@@ -147,17 +135,7 @@ struct WgmmaTiles {
       else wgmma_rs_m64n128k16(d, pa[kk], db, T());
     }
     wgmma_commit();
-    wgmma_wait<0>();
   }
-};
-
-// The tiles a forward instantiation uses.
-template <typename T, int HEAD_DIM, bool HAS_AUX, bool WGMMA> struct FwdTiles;
-template <typename T, int HEAD_DIM, bool HAS_AUX> struct FwdTiles<T, HEAD_DIM, HAS_AUX, false> {
-  typedef MmaSyncTiles<T, HEAD_DIM, HAS_AUX> type;
-};
-template <typename T, int HEAD_DIM, bool HAS_AUX> struct FwdTiles<T, HEAD_DIM, HAS_AUX, true> {
-  typedef WgmmaTiles<T, HEAD_DIM> type;
 };
 
 }  // namespace dmattn

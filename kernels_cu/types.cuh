@@ -41,6 +41,7 @@ template <int BYTES> struct Raw;
 template <> struct Raw<1> { typedef unsigned char type; };
 template <> struct Raw<2> { typedef u16 type; };
 template <> struct Raw<4> { typedef u32 type; };
+template <> struct Raw<8> { typedef u64 type; };
 
 // A bias element as float: 16-bit biases have the q/k/v element type T, 32-bit ones are float32.
 template <typename T> __device__ __forceinline__ float bias_to_float(u16 x) { return T::to_float(x); }

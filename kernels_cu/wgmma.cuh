@@ -52,9 +52,20 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
-template <typename T> struct WgmmaName;
-template <> struct WgmmaName<bf16_t> { static constexpr const char* value = "bf16"; };
-template <> struct WgmmaName<fp16_t> { static constexpr const char* value = "f16"; };
+// An in-flight wgmma reads its A registers and accumulates into its D registers until it is
+// waited for, which the compiler cannot see: it could reuse those registers, or move a read of D
+// above the wait. An empty asm that "rewrites" each register, placed after the wait, keeps them
+// live and ordered (volatile asm statements keep their order).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_registers(u32 (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
 
 // D(64x64) {=, +=} A(64x16, smem) * B(16x64, smem K-major)
 __device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], u64 da, u64 db, int accumulate, bf16_t) {

@@ -264,6 +264,7 @@ def test_cupy_input_applies_the_gpu_checks(fake_cupy):
 
 def test_cupy_input_without_cuda_backend_is_not_implemented(fake_cupy, monkeypatch):
     monkeypatch.setitem(sys.modules, "dmattn_cupy._cuda", None)  # as if it were not installed
+    dmattn_cupy._api._cuda_backend.cache_clear()  # the lookup is cached once it succeeds
     q, k, v = (FakeCupyArray(x) for x in inputs(np.float16))
     with pytest.raises(NotImplementedError, match=r"^CUDA kernels"):
         dmattn_cupy.forward(q, k, v)

@@ -87,6 +87,14 @@ def test_density_block_keep_counts(density):
         assert 0.5 * density < d < 2.5 * density
 
 
+def test_count_kept_in_chunks():
+    m = np.random.default_rng(0).random((2, 3, 7, 11)) > 0.5
+    for chunk in (1, 5, 64, 1 << 26):  # chunk boundaries inside and past the array
+        assert C.count_kept(m, chunk) == int(m.sum())
+    torch = pytest.importorskip("torch")
+    assert C.count_kept(torch.from_numpy(m), 5) == int(m.sum())
+
+
 def test_expand_block_mask_torch_matches_numpy():
     torch = pytest.importorskip("torch")
     keep = C.density_block_keep(1, 2, 300, 520, 0.5, block=128, seed=3)
@@ -103,9 +111,10 @@ def test_skipped_tile_fraction():
 
 def test_select_peers_and_gpu_names():
     from benchmarks.peers import select_peers
-    assert select_peers("sdpa,flex") == ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex",
-                                         "flex_build"]
-    assert select_peers("sdpa_cudnn") == ["sdpa_cudnn"]
+    assert select_peers("sdpa,flex") == ["sdpa_flash", "sdpa_cudnn", "sdpa_cudnn_bias",
+                                         "sdpa_efficient", "flex", "flex_build"]
+    assert select_peers("sdpa_cudnn") == ["sdpa_cudnn"]  # an exact name is not a family
+    assert select_peers("sdpa_cudnn_bias,flex_build") == ["sdpa_cudnn_bias", "flex_build"]
     assert select_peers("none") == []
     with pytest.raises(ValueError):
         select_peers("xformers")
@@ -125,7 +134,7 @@ def _synthetic_records():
                      seqlen_k=c.seqlen_k, head_dim=c.head_dim, mask=c.mask, has_bias=c.has_bias,
                      density_target=c.density)
         for p in ("fwd", "fwd_bwd"):
-            for impl in ("dmattn_cupy",) + report.PEER_ORDER:
+            for impl in ("dmattn_cupy",) + report.PEER_NAMES:
                 r = dict(base, config=c.name, impl=impl, **{"pass": p}, **shape,
                          mask_density=c.density or 0.25, median_ms=float(rng.uniform(0.1, 5)),
                          peak_mem_gib=float(rng.uniform(0.1, 20)), check_rel_err=3e-3,
@@ -179,6 +188,24 @@ def test_report_from_synthetic_results(tmp_path):
     assert report.main([str(tmp_path / "all_fwd_h100.json"),
                         str(tmp_path / "all_fwd_bwd_h100.json"), "--out", str(out)]) == 0
     assert (out / "all_h100.md").exists() and (out / "all_h100_speedup.png").exists()
+
+
+def test_targets_table_reports_each_forward_target():
+    recs = report.finalize(_synthetic_records(), 3.0e12, 760e12)
+    ms = {(r["config"], r["impl"]): r for r in recs if r["pass"] == "fwd"}
+    ms[("decode_128k", "dmattn_cupy")]["median_ms"] = 0.04
+    ms[("decode_128k", "sdpa_cudnn_bias")]["median_ms"] = 0.1   # 0.4x <= 0.5x: met
+    ms[("seed_16k", "dmattn_cupy")]["median_ms"] = 0.8
+    ms[("seed_16k", "flex")]["median_ms"] = 1.0                 # 0.8x > 0.5x: not met
+    ms[("seed_4k", "flex")].update(median_ms=None, error="out of memory: ...")
+    rows = {(c, t): (m, ok) for c, t, m, ok in report.target_rows(recs)}
+    assert len(rows) == len(report.TARGETS) + len(C.SWEEP_DENSITIES)
+    assert rows[("decode_128k", "≤ 0.5× sdpa_cudnn_bias")] == ("0.40× (0.040 / 0.100 ms)", True)
+    assert rows[("seed_16k", "≤ 0.5× flex")][1] is False
+    assert rows[("seed_4k", "≤ 0.8× flex")][1] is None  # the peer failed: cannot tell
+    assert rows[("gqa8k_dens0.25", "time(d) / time(1) ≤ 0.35")] == ("0.25", True)
+    md = report.markdown(recs)
+    assert "### Forward targets" in md and "| decode_128k | ≤ 0.5× sdpa_cudnn_bias |" in md
 
 
 def test_validate_record_rejects_missing_fields():
@@ -239,8 +266,9 @@ def test_harness_end_to_end_on_cpu(cpu_harness, tmp_path, capsys):
     assert ours["check_ok"] is True
     cudnn = next(r for r in fwd if r["impl"] == "sdpa_cudnn")
     assert cudnn["same_function"] is False  # no bias / mask: flagged
-    eff = next(r for r in fwd if r["impl"] == "sdpa_efficient")
-    assert eff["same_function"] is True and eff["check_ok"] is True
+    for name in ("sdpa_efficient", "sdpa_cudnn_bias"):  # the bias peers compute our function
+        eff = next(r for r in fwd if r["impl"] == name)
+        assert eff["same_function"] is True and eff["check_ok"] is True
     flex = next(r for r in fwd if r["impl"] == "flex")
     assert flex["median_ms"] > 0 and flex["check_rel_err"] < 2e-2
     assert any(r["impl"] == "topk_mask" and r["pass"] == "mask" for r in fwd)

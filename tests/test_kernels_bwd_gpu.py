@@ -185,6 +185,11 @@ def test_non_contiguous_views():
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_deterministic_is_bitwise_repeatable(shape, D):
     q, k, v, mask, bias = make_inputs(2, 300, 300, 4, 2, D, "bfloat16", (2, 1, 300, 300), shape)
+    check_deterministic(q, k, v, mask, bias)
+
+
+def check_deterministic(q, k, v, mask, bias):
+    """Three deterministic (causal) runs give bitwise equal gradients, and correct ones."""
     out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=True, return_lse=True)
     dout = randn(q.shape, q.dtype)
     runs = [dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, causal=True, deterministic=True)
@@ -197,9 +202,40 @@ def test_deterministic_is_bitwise_repeatable(shape, D):
         assert rel_err(got, exp) <= TOL["bfloat16"], name
 
 
+def _chunks(q, k, mask, bias, causal):
+    """How many query chunks bwd_config cuts the longest key tile into on this GPU."""
+    from dmattn_cupy._cuda.bwd_config import bwd_config
+    from dmattn_cupy._cuda.device import current
+
+    B, Sq, H, D = q.shape
+    cfg = bwd_config(head_dim=D, batch=B, heads=H, kv_heads=k.shape[2], seqlen_q=Sq,
+                     seqlen_k=k.shape[1], mask_bytes=mask.dtype.itemsize, bias_bytes=bias.dtype.itemsize,
+                     bias_rows_reduced=bias.shape[2] == 1, dbias_atomic=False, dbias_sharers=1,
+                     causal=causal, sm_count=current()[1])
+    return cfg.chunks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D,S", [(64, 1100), (128, 700)])
+def test_chunked_key_tiles(D, S, causal):
+    """One kv head: every key tile's query range is cut into chunks whose fp32 dK, dV partials
+    the last chunk sums; per-query-head mask (GQA) and a per-kv-head bias (group sums)."""
+    q, k, v, mask, bias = make_inputs(1, S, S, 4, 1, D, "bfloat16", (1, 4, S, S), (1, 1, S, S))
+    assert _chunks(q, k, mask, bias, causal) > 1
+    check_backward(q, k, v, mask, bias, causal=causal)
+
+
+@pytest.mark.parametrize("D,S", [(64, 1100), (128, 700)])
+def test_deterministic_chunked_is_bitwise_repeatable(D, S):
+    q, k, v, mask, bias = make_inputs(1, S, S, 4, 1, D, "bfloat16", (1, 1, S, S), (1, 1, S, S), density=0.3)
+    assert _chunks(q, k, mask, bias, True) > 1
+    check_deterministic(q, k, v, mask, bias)
+
+
 def test_skipping_follows_the_mask():
     """Zeroing half of the query rows halves the (query tile x head) steps the backward computes,
-    and the gradients still match."""
+    and the gradients still match (64-row query tiles at D = 64: rows 512.. are whole tiles; the
+    key tiles are cut into query chunks here, which the count does not see)."""
     from dmattn_cupy._cuda.backward import backward as cuda_backward
     from dmattn_cupy._validate import validate_attention
 

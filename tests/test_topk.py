@@ -119,3 +119,14 @@ def test_cupy_matches_numpy(cupy):
                                 mask=cupy.asarray(mask))
     assert isinstance(got, cupy.ndarray)
     np.testing.assert_array_equal(cupy.asnumpy(got), want)
+
+
+def test_cuda_launch_shape_is_a_pure_function_of_sizes():
+    from dmattn_cupy._cuda.topk import mask_template_args, threads_per_row
+    assert threads_per_row(rows=1, seqlen_k=131072, sm_count=132) == 1024  # decode: few long rows
+    assert threads_per_row(rows=32768, seqlen_k=32768, sm_count=132) == 256
+    assert threads_per_row(rows=1, seqlen_k=37, sm_count=132) == 64  # no warp without keys
+    assert mask_template_args(None) == (0, False)
+    assert mask_template_args(np.dtype(bool)) == (1, False)
+    assert mask_template_args(np.dtype(np.int64)) == (8, False)
+    assert mask_template_args(np.dtype(np.float16)) == (2, True)

@@ -5,5 +5,6 @@ Inputs arrive validated by dmattn_cupy._validate; everything runs on CuPy's curr
 
 from .backward import backward
 from .forward import forward
+from .topk import topk_mask
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "topk_mask"]

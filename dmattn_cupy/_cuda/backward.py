@@ -2,11 +2,13 @@
 
 Three launches on CuPy's current stream (kernels_cu/bwd.cu):
   bwd_preprocess_kernel  D = rowsum(dO * O), dq_accum = 0
-  bwd_dkdv_kernel        dK, dV, dbias per key tile; dQ added into dq_accum (fp32)
+  bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
 dbias is written directly in the bias dtype when each element has one writer; when several CTAs
 share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
-into an fp32 buffer of the bias's shape, converted at the end.
+into an fp32 buffer of the bias's shape, converted at the end. Scratch, all zeroed in one buffer
+when needed: the chunk counters (key tiles cut into query chunks) and the turn bits of
+deterministic mode; the chunks' fp32 dK, dV partials are not zeroed (every slot is written).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     (query tile x head) steps the dK/dV kernel computed, summed over key tiles."""
     import cupy
 
-    device.current()
+    _, sm_count = device.current()
     q, k, v = qkv_operand(q), qkv_operand(k), qkv_operand(v)
     if dout.dtype != q.dtype:
         dout = dout.astype(q.dtype)
@@ -44,10 +46,12 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
 
     dbias = dbias_accum = None
     rows_reduced = db_atomic = False
+    db_sharers = 1
     if bias is not None:
         bb, nh, bq, _ = (int(n) for n in bias.shape)
         rows_reduced = bq == 1
         db_atomic = (bb == 1 and B > 1) or (nh == 1 and Hk > 1)
+        db_sharers = (B if bb == 1 else 1) * (Hk if nh == 1 else 1)
         # Tiles the kernel skips (all-zero mask, causal) are never written: start from zero.
         if db_atomic:
             dbias_accum = cupy.zeros(bias.shape, dtype=numpy.float32)
@@ -55,17 +59,24 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
             dbias = cupy.zeros(bias.shape, dtype=bias.dtype)
         db_head_div = 1 if nh == H else (group if nh == Hk else H)
 
-    cfg = bwd_config(head_dim=D, batch=B, group=group, kv_heads=Hk, seqlen_q=Sq, seqlen_k=Sk,
+    cfg = bwd_config(head_dim=D, batch=B, heads=H, kv_heads=Hk, seqlen_q=Sq, seqlen_k=Sk,
                      mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
-                     bias_rows_reduced=rows_reduced, dbias_atomic=db_atomic)
+                     bias_rows_reduced=rows_reduced, dbias_atomic=db_atomic,
+                     dbias_sharers=db_sharers, causal=problem.causal, sm_count=sm_count)
+    tiles = cfg.tiles
     delta = cupy.empty((B, H, Sq), dtype=numpy.float32)
     dq_accum = cupy.empty((B, H, Sq, D), dtype=numpy.float32)  # zeroed by bwd_preprocess_kernel
     dq = cupy.empty((B, Sq, H, D), dtype=q.dtype)
     dk = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
     dv = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
-    semaphores = None
-    if deterministic:
-        semaphores = cupy.zeros(max(cfg.dq_semaphores + cfg.db_semaphores, 1), dtype=numpy.int32)
+    # scratch (zeroed): chunk counters per (head-dim part, b, kv head, key tile), then turn bits
+    counters = B * Hk * cfg.n_tiles * tiles.d_split if cfg.chunks > 1 else 0
+    turn_words = cfg.dq_turn_words + cfg.db_turn_words if deterministic else 0
+    scratch = cupy.zeros(counters + turn_words, dtype=numpy.uint32) if counters + turn_words else None
+    dkv_partial = None
+    if cfg.chunks > 1:  # fp32 dK, dV per (part, b, kv head, key tile, chunk): 2 x block_n x D/d_split
+        dkv_partial = cupy.empty(B * Hk * cfg.n_tiles * cfg.chunks * 2 * tiles.block_n * tiles.head_dim,
+                                 dtype=numpy.float32)
 
     rec = new_record(BWD_PARAMS)
     fill_attn(rec, problem, q, k, v, m, b, 1)
@@ -86,8 +97,12 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     else:
         rec["dbias_head_div"] = 1
     rec["deterministic"] = int(deterministic)
-    if semaphores is not None:
-        rec["semaphores"] = semaphores.data.ptr
+    rec["chunk_tiles"] = cfg.chunk_tiles
+    if counters:
+        rec["dkv_count"] = scratch.data.ptr
+        rec["dkv_partial"] = dkv_partial.data.ptr
+    if turn_words:
+        rec["turns"] = scratch.data.ptr + 4 * counters
     if tiles_visited is not None:
         rec["tiles_visited"] = tiles_visited.data.ptr
 
@@ -96,9 +111,9 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     pre = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_preprocess_kernel", elem))
     nvrtc.launch(pre, (math.ceil(rows / 4),), THREADS, rec)
     kernel = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name(
-        "bwd_dkdv_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
+        "bwd_dkdv_kernel", elem, tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
         problem.softcap > 0))
-    nvrtc.launch(kernel, (cfg.n_tiles, B * Hk, cfg.tiles.d_split), THREADS, rec, cfg.smem_bytes)
+    nvrtc.launch(kernel, (B * Hk, *cfg.grid), tiles.threads, rec, cfg.smem_bytes)
     convert = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_convert_dq_kernel", elem))
     nvrtc.launch(convert, (math.ceil(rows / 4),), THREADS, rec)
     if dbias_accum is not None:

@@ -6,43 +6,99 @@ the top of kernels_cu/bwd.cu.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 from .config import aux_row_bytes, tile_head_dim
 
-THREADS = 128
+THREADS = 128         # bwd_preprocess_kernel, bwd_convert_dq_kernel
+# Query chunks (bwd.cu): a grid of fewer than CHUNK_BELOW_WAVES waves of CTAs cuts every key tile's
+# query range into chunks, about CHUNK_WAVES waves of them, so that one kv head under a causal mask
+# (seed_16k: 128 key tiles of very different lengths on 132 multiprocessors: the longest one sets
+# the time at 2x the mean) gets several waves of evenly sized CTAs. From 2 waves on, the launch
+# order (heaviest key tiles of every (batch, kv head) first) balances the load by itself (gqa8k:
+# 512 CTAs, within 5 % of the mean in a list-scheduling model). A chunk has at least
+# MIN_CHUNK_TILES query tiles: each one costs a K/V load and an fp32 dK, dV partial.
+CHUNK_BELOW_WAVES = 2
+CHUNK_WAVES = 4
+MIN_CHUNK_TILES = 8
+SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90, of which 1 KiB is reserved per CTA
 
 
 @dataclass(frozen=True)
 class BwdTiles:
     head_dim: int   # tile head dim
     block_m: int    # query rows per step
-    block_n: int    # keys per CTA
+    block_n: int    # keys per CTA (16 per warp)
     d_split: int    # CTAs along the head dim (each owns head_dim / d_split output columns)
+    warps: int
+    max_ctas_per_sm: int    # as registers allow (__launch_bounds__ minimum blocks)
+    dq_warps: int   # warps that compute (and, deterministic, order) the dQ tile
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> BwdTiles:
+    def for_head_dim(cls, head_dim: int, aux_bytes: int) -> BwdTiles:
+        """aux_bytes: bytes of one mask element plus one bias element (BwdTraits' AUX_BYTES)."""
         tile = tile_head_dim(head_dim)
         d_split = 2 if tile > 128 else 1
         d_out = tile // d_split
-        return cls(tile, 64 if d_out <= 64 else 32 if d_out <= 96 else 16, 64, d_split)
+        warps = 8 if d_split == 1 else 4
+        block_m = 64 if d_out <= 64 and aux_bytes <= 4 else 32 if (d_split == 1 or d_out <= 96) else 16
+        warps_m = block_m // 16
+        pairs = d_out // 16          # 16-column pairs of the dQ tile
+        warps_d = max(d for d in range(1, warps // warps_m + 1) if pairs % d == 0)
+        return cls(tile, block_m, 16 * warps, d_split, warps, 1 if d_split == 1 else 2, warps_m * warps_d)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
 
 
 @dataclass(frozen=True)
 class BwdConfig:
     tiles: BwdTiles
     m_tiles: int          # query tiles
-    n_tiles: int          # key tiles (grid x)
+    n_tiles: int          # key tiles (grid z)
+    chunk_tiles: int      # query tiles per chunk (m_tiles: key tiles are not cut)
+    chunks: int           # chunks of the longest key tile (grid y / d_split)
     smem_bytes: int
-    dq_semaphores: int    # deterministic mode: counters of dq_accum turns
-    db_semaphores: int    # deterministic mode: counters of dbias_accum turns
+    dq_turn_words: int    # deterministic mode: ordering bits of the dq_accum tiles (uint32 words)
+    db_turn_words: int    # deterministic mode: ordering bits of the shared dbias_accum tiles
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(grid y, grid z) = (chunks x head-dim parts, key tiles); grid x is batch * kv_heads."""
+        return self.chunks * self.tiles.d_split, self.n_tiles
 
 
-def bwd_config(*, head_dim: int, batch: int, group: int, kv_heads: int, seqlen_q: int,
+def first_query_tile(n: int, *, tiles: BwdTiles, m_tiles: int, seqlen_q: int, seqlen_k: int,
+                     causal: bool) -> int:
+    """The first query tile that key tile n can see (bwd.cu: m_begin)."""
+    if not causal:
+        return 0
+    return min(m_tiles, max(0, n * tiles.block_n - seqlen_k + seqlen_q) // tiles.block_m)
+
+
+def choose_chunk_tiles(*, tiles: BwdTiles, m_tiles: int, n_tiles: int, ctas_per_tile: int,
+                       seqlen_q: int, seqlen_k: int, causal: bool, slots: int, can_chunk: bool) -> int:
+    """Query tiles per chunk: m_tiles (no cut) when the grid has CHUNK_BELOW_WAVES waves of `slots`
+    resident CTAs already, else the chunk length that gives about CHUNK_WAVES waves of CTAs."""
+    if not can_chunk or n_tiles * ctas_per_tile >= CHUNK_BELOW_WAVES * slots or m_tiles < 2 * MIN_CHUNK_TILES:
+        return m_tiles
+    work = ctas_per_tile * sum(
+        m_tiles - first_query_tile(n, tiles=tiles, m_tiles=m_tiles, seqlen_q=seqlen_q,
+                                   seqlen_k=seqlen_k, causal=causal) for n in range(n_tiles))
+    return min(m_tiles, max(MIN_CHUNK_TILES, math.ceil(work / (CHUNK_WAVES * slots))))
+
+
+@functools.lru_cache(maxsize=256)
+def bwd_config(*, head_dim: int, batch: int, heads: int, kv_heads: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, bias_rows_reduced: bool,
-               dbias_atomic: bool) -> BwdConfig:
-    tiles = BwdTiles.for_head_dim(head_dim)
+               dbias_atomic: bool, dbias_sharers: int, causal: bool, sm_count: int) -> BwdConfig:
+    """`dbias_sharers`: CTAs of one key tile that add into the same dbias_accum cells (batch
+    and/or kv heads a broadcast bias spans; 1 when dbias has one writer)."""
+    tiles = BwdTiles.for_head_dim(head_dim, mask_bytes + bias_bytes)
+    group = heads // kv_heads
     bm, bn, stride = tiles.block_m, tiles.block_n, tiles.head_dim + 8
     m_tiles = math.ceil(seqlen_q / bm)
     n_tiles = math.ceil(seqlen_k / bn)
@@ -53,6 +109,16 @@ def bwd_config(*, head_dim: int, batch: int, group: int, kv_heads: int, seqlen_q
         smem += 4 * (group * bn if bias_rows_reduced else bm * (bn + 4))  # sColSum | sDb
     if mask_bytes:
         smem += 4 * math.ceil(group * m_tiles / 32)                    # sBits
-    dq_sems = tiles.d_split * batch * kv_heads * m_tiles
-    db_sems = n_tiles * batch * kv_heads * (1 if bias_rows_reduced else m_tiles) if dbias_atomic else 0
-    return BwdConfig(tiles, m_tiles, n_tiles, smem, dq_sems, db_sems)
+    resident = max(1, min(tiles.max_ctas_per_sm, SMEM_PER_SM // (smem + 1024)))
+    # A row-broadcast dbias is one column sum per key tile: its chunks would share the cells.
+    chunk_tiles = choose_chunk_tiles(
+        tiles=tiles, m_tiles=m_tiles, n_tiles=n_tiles, ctas_per_tile=batch * kv_heads * tiles.d_split,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, slots=sm_count * resident,
+        can_chunk=not (bias_bytes and bias_rows_reduced))
+    chunks = math.ceil(m_tiles / chunk_tiles)
+    dq_words = tiles.d_split * batch * heads * m_tiles * tiles.dq_warps * math.ceil(n_tiles / 32)
+    db_words = 0
+    if dbias_atomic:
+        db_words = (n_tiles * batch * kv_heads * (1 if bias_rows_reduced else m_tiles)
+                    * math.ceil(dbias_sharers / 32))
+    return BwdConfig(tiles, m_tiles, n_tiles, chunk_tiles, chunks, smem, dq_words, db_words)

@@ -1,7 +1,7 @@
 """Tile and launch configuration: pure functions of sizes, printable and testable without a GPU.
 
-Mirrors kernels_cu/tile_traits.cuh (FwdTraits) and the shared-memory carve-up at the top of
-kernels_cu/fwd.cu; tests/test_cuda_config.py pins the numbers.
+Mirrors kernels_cu/tile_traits.cuh (FwdTraits), the shared-memory carve-ups at the top of
+kernels_cu/fwd.cu (mma.sync) and kernels_cu/fwd_wgmma.cu (Hopper: WgmmaFwdTraits).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 WGMMA_HEAD_DIMS = (64, 128)
-# Where the warpgroup tiles are the default (H100, 2026-11-23): at D = 64 they match or beat
-# mma.sync; at D = 128 the synchronous warpgroup loop (no softmax/GEMM overlap yet) is slower.
-WGMMA_DEFAULT_HEAD_DIMS = (64,)
+# Where the warpgroup kernel is the default on Hopper (DMATTN_CUPY_MMA=auto).
+WGMMA_DEFAULT_HEAD_DIMS = (64, 128)
+# fwd_wgmma.cu's rings (WgmmaFwdTraits): K and mask/bias slots, V slots.
+WGMMA_K_STAGES, WGMMA_V_STAGES = 3, 2
 THREADS = 128
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
 # usable per SM, 1 KiB reserved per CTA).
@@ -44,7 +45,8 @@ class FwdTiles:
         """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>) and WgmmaTiles.
 
         has_aux: a mask or a bias is read. wgmma: the GPU is a Hopper (sm_90) and the tile head
-        dim is 64 or 128 — then one 4-warp warpgroup computes 64 rows x 64 keys per step.
+        dim is 64 or 128 — then one 4-warp warpgroup computes 64 rows x 64 keys per step
+        (kernels_cu/fwd_wgmma.cu).
         """
         tile = tile_head_dim(head_dim)
         if wgmma and tile in WGMMA_HEAD_DIMS:
@@ -55,10 +57,6 @@ class FwdTiles:
     def tile_bytes(self, rows: int) -> int:
         """Shared-memory bytes of a rows x head_dim tile of Q, K or V."""
         return rows * self.head_dim * 2 if self.wgmma else rows * (self.head_dim + 8) * 2
-
-    @property
-    def stage_align(self) -> int:
-        return 1024 if self.wgmma else 16
 
 
 @dataclass(frozen=True)
@@ -125,11 +123,12 @@ def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: i
     m_blocks = math.ceil(seqlen_q / seq_rows)
     key_tiles = math.ceil(seqlen_k / tiles.block_n)
     splits, per_split = choose_splits(m_blocks * batch * heads // pack, key_tiles, sm_count)
-    stage = (
-        2 * tiles.tile_bytes(tiles.block_n)                                           # K, V
-        + seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
-    )
-    stage = math.ceil(stage / tiles.stage_align) * tiles.stage_align
+    kv = tiles.tile_bytes(tiles.block_n)
+    aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
+    if tiles.wgmma:  # sQ | sK[3] | sV[2] | mask+bias[3] | sBits
+        smem = fixed + WGMMA_K_STAGES * (kv + aux) + WGMMA_V_STAGES * kv
+        return FwdConfig(tiles, pack, m_blocks, splits, per_split, WGMMA_K_STAGES, smem)
+    stage = math.ceil((2 * kv + aux) / 16) * 16                   # [K | V | mask | bias]
     stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2
     return FwdConfig(tiles, pack, m_blocks, splits, per_split, stages, fixed + stages * stage)

@@ -59,9 +59,14 @@ def _plan(q, k, v, m: AuxOperand, b: AuxOperand, problem, capability: int, sm_co
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
     elem = nvrtc.element_type(q.dtype)
-    kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name(
-        "fwd_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
-        problem.softcap > 0, cfg.tiles.wgmma), "sm_90a" if cfg.tiles.wgmma else None)
+    if cfg.tiles.wgmma:
+        kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
+            "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
+            problem.softcap > 0), "sm_90a")
+    else:
+        kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name(
+            "fwd_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
+            problem.softcap > 0))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
     plan = FwdPlan(cfg, rec, kernel, combine, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),

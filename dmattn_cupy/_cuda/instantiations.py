@@ -2,8 +2,8 @@
 
 Used by the CI compile check (tests/test_kernels_compile.py: nvcc, registers and spills) and by
 `warmup()`, which compiles the same set through NVRTC ahead of first use. Each entry names the
-architectures it is built for: the portable kernels for sm_80 and sm_90, the Hopper warpgroup
-(wgmma) forward for sm_90a only.
+architectures it is built for: the portable kernels (and topk_mask) for sm_80 and sm_90, the
+Hopper warpgroup (wgmma) forward for sm_90a only.
 """
 
 from __future__ import annotations
@@ -29,18 +29,36 @@ ATTENTION_FLAGS = (
 )
 assert {flags[1] for flags in ATTENTION_FLAGS} == set(TILE_HEAD_DIMS)
 
+# topk_mask (bias type, mask bytes, float mask): each bias dtype, mask sizes 0/1/2/4/8, integer
+# and float masks.
+TOPK_FLAGS = (
+    (BF16, 0, False),
+    (BF16, 1, False),
+    (FP16, 1, False),
+    ("float", 2, True),
+    (BF16, 4, True),
+    ("double", 8, False),
+    ("float", 8, True),
+)
+
+# The backward's tiles also depend on mask + bias bytes (BwdTraits: 32 query rows instead of 64 at
+# head dims <= 64 when they exceed 4 bytes per element): float32 mask and bias.
+BWD_EXTRA_FLAGS = ((FP16, 64, 4, 4, False, False),)
+
 PORTABLE = ("sm_80", "sm_90")
 HOPPER = ("sm_90a",)
 
 # source file -> [(kernel name, params struct, architectures)]
 COVERING_SET = {
-    "fwd.cu": [(kernel_name("fwd_kernel", *f, False), "FwdParams", PORTABLE) for f in ATTENTION_FLAGS]
-    + [(kernel_name("fwd_kernel", *f, True), "FwdParams", HOPPER)
-       for f in ATTENTION_FLAGS if f[1] in WGMMA_HEAD_DIMS]
+    "fwd.cu": [(kernel_name("fwd_kernel", *f), "FwdParams", PORTABLE) for f in ATTENTION_FLAGS]
     + [(kernel_name("fwd_combine_kernel", t), "FwdParams", PORTABLE) for t in (BF16, FP16)],
-    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams", PORTABLE) for f in ATTENTION_FLAGS]
+    "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", *f), "FwdParams", HOPPER)
+                     for f in ATTENTION_FLAGS if f[1] in WGMMA_HEAD_DIMS],
+    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams", PORTABLE)
+               for f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
     + [(kernel_name(k, t), "BwdParams", PORTABLE)
        for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel") for t in (BF16, FP16)],
+    "topk.cu": [(kernel_name("topk_mask_kernel", *f), "TopkParams", PORTABLE) for f in TOPK_FLAGS],
 }
 
 

@@ -46,14 +46,25 @@ BWD_PARAMS = numpy.dtype(
         ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("dbias_accum", _PTR),
         ("dbias_stride", _I64, (4,)),
         ("dbias_rows_reduced", _I32), ("dbias_head_div", _I32),
-        ("deterministic", _I32), ("semaphores", _PTR), ("tiles_visited", _PTR),
-        ("pad1", _I32), ("pad2", _I32),
+        ("deterministic", _I32), ("chunk_tiles", _I32),
+        ("turns", _PTR), ("dkv_partial", _PTR), ("dkv_count", _PTR), ("tiles_visited", _PTR),
+    ],
+    align=True,
+)
+
+TOPK_PARAMS = numpy.dtype(
+    [
+        ("bias", _PTR), ("mask", _PTR), ("out", _PTR),
+        ("bias_stride", _I64, (4,)), ("mask_stride", _I64, (4,)),
+        ("heads", _I32), ("seqlen_q", _I32), ("seqlen_k", _I32),
+        ("window", _I32), ("block", _I32), ("causal", _I32),
     ],
     align=True,
 )
 
 # C struct name -> dtype, for the layout test.
-STRUCTS = {"AttnParams": ATTN_PARAMS, "FwdParams": FWD_PARAMS, "BwdParams": BWD_PARAMS}
+STRUCTS = {"AttnParams": ATTN_PARAMS, "FwdParams": FWD_PARAMS, "BwdParams": BWD_PARAMS,
+           "TopkParams": TOPK_PARAMS}
 
 
 def pointer_slots(dtype: numpy.dtype, *paths: str) -> tuple[int, ...]:

@@ -1,0 +1,194 @@
+// fwd_block.cuh — what a forward CTA owns and the per-tile work both forward kernels share: the
+// query rows and heads of its tile, its key range, the copies of Q/K/V/mask/bias tiles, the mask
+// scan, the score transform and the output store. fwd.cu (mma.sync) and fwd_wgmma.cu (Hopper)
+// differ only in their main loop and shared-memory ring.
+//
+// A query tile has kBlockM rows = `pack` query heads of one GQA group x (kBlockM / pack) sequence
+// rows: tile row r is head h0 + r / seq_rows at sequence row m0 + r % seq_rows. Heads sharing a
+// CTA share every K/V, mask and bias tile (the host packs only when that holds).
+#pragma once
+#include "params.cuh"
+#include "mask.cuh"
+#include "softmax.cuh"
+
+namespace dmattn {
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL,
+          bool SOFTCAP>
+struct FwdBlock {
+  static constexpr int kThreads = 128;  // one warpgroup: 4 warps
+  static constexpr int kMaskRow = MASK_BYTES ? aux_row_bytes(BLOCK_N, MASK_BYTES) : 0;
+  static constexpr int kBiasRow = BIAS_BYTES ? aux_row_bytes(BLOCK_N, BIAS_BYTES) : 0;
+  typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
+  typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
+
+  const FwdParams& p;
+  const AttnParams& a;
+  int seq_rows, m0, b, h0, split;
+  int t_begin, t_end;  // key tiles of this split that the causal limit leaves
+  const u16* q;
+  const u16* k;
+  const u16* v;
+  const unsigned char* mask;
+  const unsigned char* bias;
+
+  __device__ __forceinline__ explicit FwdBlock(const FwdParams& params) : p(params), a(params.a) {
+    seq_rows = BLOCK_M / a.pack;
+    // Causal: the last query tiles see the most keys; launching them first shortens the tail.
+    const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    m0 = m_block * seq_rows;
+    const int head_groups = a.heads / a.pack;
+    b = blockIdx.y / head_groups;
+    h0 = (blockIdx.y % head_groups) * a.pack;
+    split = blockIdx.z;
+    const int row_last = min(m0 + seq_rows, a.seqlen_q) - 1;
+    const int key_end = visible_key_end<CAUSAL>(row_last, a.seqlen_q, a.seqlen_k);
+    const int n_tiles = key_end > 0 ? (key_end + BLOCK_N - 1) / BLOCK_N : 0;
+    t_begin = min(n_tiles, split * p.tiles_per_split);
+    t_end = min(n_tiles, t_begin + p.tiles_per_split);
+    q = static_cast<const u16*>(a.q) + b * a.q_stride[0];
+    k = static_cast<const u16*>(a.k) + b * a.k_stride[0] + (h0 / a.group) * a.k_stride[2];
+    v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + (h0 / a.group) * a.v_stride[2];
+    mask = MASK_BYTES ? static_cast<const unsigned char*>(a.mask) +
+                            (b * a.mask_stride[0] + (h0 / a.mask_head_div) * a.mask_stride[1]) * MASK_BYTES
+                      : nullptr;
+    bias = BIAS_BYTES ? static_cast<const unsigned char*>(a.bias) +
+                            (b * a.bias_stride[0] + (h0 / a.bias_head_div) * a.bias_stride[1]) * BIAS_BYTES
+                      : nullptr;
+  }
+
+  // ---- mask scan: one bit per key tile of the split that holds a kept key (all threads; ends
+  // with a barrier). Without a mask every tile is active.
+  __device__ __forceinline__ void scan(u32* bits) const {
+    if constexpr (MASK_BYTES > 0) {
+      for (int i = threadIdx.x; i < (t_end - t_begin + 31) / 32; i += kThreads) bits[i] = 0u;
+      __syncthreads();
+      scan_mask_tiles<MASK_BYTES, BLOCK_N, kThreads, CAUSAL>(bits, mask, a.mask_stride, m0, seq_rows, t_begin,
+                                                     t_end, a.seqlen_q, a.seqlen_k, a.mask_vec);
+      __syncthreads();
+    }
+  }
+  // The first active key tile at or after t (t_end: none).
+  __device__ __forceinline__ int next_tile(const u32* bits, int t) const {
+    if constexpr (MASK_BYTES > 0) return t_begin + next_set_bit(bits, t - t_begin, t_end - t_begin);
+    return t;
+  }
+
+  // ---- copies (cp.async; rows outside the problem are zero-filled). Tiles: the smem layout policy.
+  template <typename Tiles>
+  __device__ __forceinline__ void load_q(u16* sQ) const {
+    load_rows<HEAD_DIM, BLOCK_M, kThreads, typename Tiles::template Layout<BLOCK_M>>(
+        sQ, a.head_dim, a.q, [&](int r) -> const u16* {
+          const int row = m0 + r % seq_rows;
+          return row < a.seqlen_q
+              ? q + static_cast<i64>(row) * a.q_stride[1] + static_cast<i64>(h0 + r / seq_rows) * a.q_stride[2]
+              : nullptr;
+        });
+  }
+  template <typename Tiles>
+  __device__ __forceinline__ void load_k(u16* sK, int t) const {
+    const int n0 = t * BLOCK_N;
+    load_strided_rows<HEAD_DIM, BLOCK_N, kThreads, typename Tiles::template Layout<BLOCK_N>>(
+        sK, k + static_cast<i64>(n0) * a.k_stride[1], a.k_stride[1], a.seqlen_k - n0, a.head_dim);
+  }
+  template <typename Tiles>
+  __device__ __forceinline__ void load_v(u16* sV, int t) const {
+    const int n0 = t * BLOCK_N;
+    load_strided_rows<HEAD_DIM, BLOCK_N, kThreads, typename Tiles::template Layout<BLOCK_N>>(
+        sV, v + static_cast<i64>(n0) * a.v_stride[1], a.v_stride[1], a.seqlen_k - n0, a.head_dim);
+  }
+  // The (seq_rows x BLOCK_N) mask and bias tiles of key tile t.
+  __device__ __forceinline__ void load_aux(unsigned char* sMask, unsigned char* sBias, int t) const {
+    const int n0 = t * BLOCK_N;
+    if constexpr (MASK_BYTES > 0)
+      load_aux_tile<MASK_BYTES, BLOCK_N, kThreads>(sMask, mask, a.mask_stride, m0, seq_rows, n0, a.seqlen_q,
+                                                   a.seqlen_k, a.mask_vec);
+    if constexpr (BIAS_BYTES > 0)
+      load_aux_tile<BIAS_BYTES, BLOCK_N, kThreads>(sBias, bias, a.bias_stride, m0, seq_rows, n0, a.seqlen_q,
+                                                   a.seqlen_k, a.bias_vec);
+  }
+
+  // ---- scores of key tile t, in place: s2 = log2(e) * mask(softcap(scale * s + bias)), hidden
+  // positions -inf. s holds MA 16-row atoms in the mma C layout; aux_row[at] is the mask/bias
+  // row of this lane's row g of atom at (g + 8: one row further).
+  template <int MA, int NA>
+  __device__ __forceinline__ void score_mods(float (&s)[MA][NA][4], const unsigned char* sMaskT,
+                                             const unsigned char* sBiasT, const int (&aux_row)[MA], int t,
+                                             int tq) const {
+    const int n0 = t * BLOCK_N;
+    const bool edge = n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q);
+    const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
+    const float inv_cap = 1.f / a.softcap;
+#pragma unroll
+    for (int at = 0; at < MA; ++at)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = aux_row[at] + 8 * h;
+#pragma unroll
+        for (int nt = 0; nt < NA; ++nt) {
+          const int pair = nt * 4 + tq;  // keys 2 * pair and 2 * pair + 1 of the tile
+          float2 bv = make_float2(0.f, 0.f);
+          if constexpr (BIAS_BYTES > 0)
+            bv = bias_pair<T>(reinterpret_cast<const BiasRaw*>(sBiasT + r * kBiasRow), pair);
+          bool keep[2] = {true, true};
+          if constexpr (MASK_BYTES > 0)
+            mask_pair(reinterpret_cast<const MaskRaw*>(sMaskT + r * kMaskRow), pair, keep[0], keep[1]);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float bval = fmaxf(j == 0 ? bv.x : bv.y, kBiasFloor);
+            float x = s[at][nt][2 * h + j];
+            x = SOFTCAP ? cap_log2 * fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap))
+                        : fmaf(x, a.scale_log2, bval * kLog2e);
+            if (edge) {
+              const int key = n0 + 2 * pair + j;
+              keep[j] = keep[j] && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
+            }
+            s[at][nt][2 * h + j] = keep[j] ? x : neg_inf();
+          }
+        }
+      }
+  }
+
+  // ---- epilogue: O / l and lse straight from registers (rows outside the problem are dropped);
+  // with splits, a normalized fp32 partial and its lse for fwd_combine_kernel.
+  template <int MA, int NA, int DA>
+  __device__ __forceinline__ void store(const float (&acc_o)[MA][DA][4], const OnlineSoftmax<MA, NA, DA>& softmax,
+                                        int warp_row0, int g, int tq) const {
+#pragma unroll
+    for (int at = 0; at < MA; ++at)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float inv_l, lse;
+        softmax.finish(at, h, inv_l, lse);
+        const int tile_row = warp_row0 + at * 16 + g + 8 * h;
+        const int row = m0 + tile_row % seq_rows;
+        const int head = h0 + tile_row / seq_rows;
+        if (row >= a.seqlen_q) continue;
+        const i64 bh = static_cast<i64>(b) * a.heads + head;
+        if (p.num_splits == 1) {
+          u16* o = static_cast<u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(row) * p.o_stride[1] +
+                   static_cast<i64>(head) * p.o_stride[2];
+#pragma unroll
+          for (int dt = 0; dt < DA; ++dt) {
+            const int d = dt * 8 + 2 * tq;
+            if (d < a.head_dim)
+              *reinterpret_cast<u32*>(o + d) = T::pack(acc_o[at][dt][2 * h] * inv_l, acc_o[at][dt][2 * h + 1] * inv_l);
+          }
+          if (tq == 0) p.lse[bh * a.seqlen_q + row] = lse;
+        } else {
+          const i64 split_row = (static_cast<i64>(split) * a.batch * a.heads + bh) * a.seqlen_q + row;
+          float* o = p.o_split + split_row * a.head_dim;
+#pragma unroll
+          for (int dt = 0; dt < DA; ++dt) {
+            const int d = dt * 8 + 2 * tq;
+            if (d < a.head_dim)
+              *reinterpret_cast<float2*>(o + d) =
+                  make_float2(acc_o[at][dt][2 * h] * inv_l, acc_o[at][dt][2 * h + 1] * inv_l);
+          }
+          if (tq == 0) p.lse_split[split_row] = lse;
+        }
+      }
+  }
+};
+
+}  // namespace dmattn

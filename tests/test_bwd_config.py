@@ -1,0 +1,107 @@
+"""The backward's launch configuration (dmattn_cupy/_cuda/bwd_config.py), without a GPU.
+
+The tile shapes must match kernels_cu/bwd_tiles.cuh exactly (the launch passes the thread count
+and the shared-memory bytes the kernel carves up): a host program compiled with nvcc prints
+BwdTraits and bwd_buffer_bytes for every tile head dim and mask/bias element size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import subprocess
+
+import pytest
+
+from dmattn_cupy._cuda.bwd_config import CHUNK_BELOW_WAVES, BwdTiles, bwd_config
+from dmattn_cupy._cuda.compile import kernels_dir
+from dmattn_cupy._cuda.config import TILE_HEAD_DIMS
+
+MASK_BYTES = (0, 1, 2, 4)
+BIAS_BYTES = (0, 2, 4)
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per CTA on sm_80 / sm_90
+H100_SMS = 132
+
+
+def _config(**kw):
+    base = dict(head_dim=64, batch=1, heads=2, kv_heads=1, seqlen_q=4096, seqlen_k=4096,
+                mask_bytes=1, bias_bytes=2, bias_rows_reduced=False, dbias_atomic=False,
+                dbias_sharers=1, causal=True, sm_count=H100_SMS)
+    return bwd_config(**{**base, **kw})
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_tiles_match_the_header(tmp_path):
+    combos = list(itertools.product(TILE_HEAD_DIMS, MASK_BYTES, BIAS_BYTES))
+    lines = []
+    for d, mb, bb in combos:
+        tr = f"dmattn::BwdTraits<{d}, {mb + bb}>"
+        lines.append(
+            f'  printf("{d} {mb} {bb} %d %d %d %d %d %d %d\\n", {tr}::kBlockM, {tr}::kBlockN, '
+            f"{tr}::kWarps, {tr}::kDSplit, {tr}::kMinBlocks, {tr}::kDqWarps, "
+            f"dmattn::bwd_buffer_bytes<{d}, {mb}, {bb}>());")
+    src = tmp_path / "tiles.cu"
+    src.write_text('#include <cstdio>\n#include "bwd_tiles.cuh"\nint main() {\n' + "\n".join(lines) + "\n}\n")
+    exe = tmp_path / "tiles"
+    subprocess.run(["nvcc", "-std=c++17", f"-I{kernels_dir()}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert len(out) == len(combos)
+    for line in out:
+        d, mb, bb, bm, bn, warps, d_split, per_sm, dq_warps, buffer = map(int, line.split())
+        t = BwdTiles.for_head_dim(d, mb + bb)
+        got = (t.block_m, t.block_n, t.warps, t.d_split, t.max_ctas_per_sm, t.dq_warps)
+        assert got == (bm, bn, warps, d_split, per_sm, dq_warps), (d, mb, bb)
+        stride = d + 8
+        aux = lambda e: bn * e + 16 if e else 0  # noqa: E731 (aux_row_bytes)
+        assert 2 * bm * stride * 2 + bm * (aux(mb) + aux(bb)) + 2 * bm * 4 == buffer, (d, mb, bb)
+
+
+@pytest.mark.parametrize("head_dim", TILE_HEAD_DIMS)
+def test_shared_memory_fits_every_element_size(head_dim):
+    """Long sequences and wide groups (the mask bits grow with both) still fit a CTA."""
+    for mb, bb, rows_reduced in itertools.product(MASK_BYTES, BIAS_BYTES, (False, True)):
+        if rows_reduced and not bb:
+            continue
+        cfg = _config(head_dim=head_dim, heads=16, kv_heads=1, seqlen_q=131072, seqlen_k=131072,
+                      mask_bytes=mb, bias_bytes=bb, bias_rows_reduced=rows_reduced)
+        assert cfg.smem_bytes <= SMEM_LIMIT, (head_dim, mb, bb, rows_reduced, cfg.smem_bytes)
+
+
+def test_target_tiles():
+    """D = 64: 8 warps x 64 query rows x 128 keys; D = 128: 8 warps x 32 rows x 128 keys."""
+    t64, t128 = BwdTiles.for_head_dim(64, 3), BwdTiles.for_head_dim(128, 3)
+    assert (t64.block_m, t64.block_n, t64.threads) == (64, 128, 256)
+    assert (t128.block_m, t128.block_n, t128.threads) == (32, 128, 256)
+    assert BwdTiles.for_head_dim(64, 8).block_m == 32  # float32 mask and bias
+
+
+def test_one_kv_head_is_cut_into_chunks():
+    """seed_16k: 128 key tiles of one kv head are too few CTAs for 132 multiprocessors."""
+    cfg = _config(seqlen_q=16384, seqlen_k=16384)
+    assert cfg.n_tiles == 128 and cfg.chunks > 1 and cfg.chunk_tiles < cfg.m_tiles
+    ctas = sum(math.ceil((cfg.m_tiles - min(cfg.m_tiles, n * 128 // 64)) / cfg.chunk_tiles)
+               for n in range(cfg.n_tiles))
+    assert ctas >= CHUNK_BELOW_WAVES * H100_SMS
+
+
+def test_many_ctas_are_not_cut():
+    """gqa8k: 64 key tiles x 8 (batch, kv head) pairs fill several waves as they are."""
+    cfg = _config(head_dim=128, batch=2, heads=16, kv_heads=4, seqlen_q=8192, seqlen_k=8192)
+    assert cfg.chunks == 1 and cfg.chunk_tiles == cfg.m_tiles
+    assert cfg.grid == (1, cfg.n_tiles)
+
+
+def test_row_broadcast_dbias_is_never_cut():
+    """Its column sums span all rows: chunks would share the dbias cells."""
+    cfg = _config(seqlen_q=16384, seqlen_k=16384, bias_rows_reduced=True)
+    assert cfg.chunks == 1
+
+
+def test_deterministic_turn_words():
+    """One bit per key tile for each dQ warp tile of each (part, b, h, query tile)."""
+    cfg = _config(head_dim=128, batch=2, heads=16, kv_heads=4, seqlen_q=8192, seqlen_k=8192)
+    assert cfg.dq_turn_words == 2 * 16 * cfg.m_tiles * cfg.tiles.dq_warps * math.ceil(cfg.n_tiles / 32)
+    shared = _config(batch=3, kv_heads=1, dbias_atomic=True, dbias_sharers=3)
+    assert shared.db_turn_words == shared.n_tiles * 3 * shared.m_tiles
