@@ -20,7 +20,7 @@ Writes ``<suite>_<pass>_<gpu>.json`` (one per pass), ``<suite>_<gpu>.md`` and up
 ``--quick`` shortens the timing (warmup 10 ms, rep 30 ms); ``--small`` runs every config at its
 check size (a smoke test of the whole pipeline); ``--no-check`` skips step 1; ``--device cpu`` is
 the harness self-test of tests/test_benchmarks_cpu.py (NumPy path, SDPA math, eager flex).
-The commit recorded is ``git rev-parse HEAD``, else $DMATTN_COMMIT, else "unknown".
+The commit recorded is $DMATTN_COMMIT, else ``git rev-parse HEAD``, else "unknown".
 """
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ def parse_args(argv=None):
 
 
 def git_commit() -> str:
+    # $DMATTN_COMMIT first: a copied working tree (the GPU machine's) may carry a stale .git.
+    if os.environ.get("DMATTN_COMMIT"):
+        return os.environ["DMATTN_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -74,7 +77,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("DMATTN_COMMIT", "unknown")
+    return "unknown"
 
 
 def short_error(exc: BaseException) -> str:
@@ -167,6 +170,7 @@ def check_config(cfg: Config, names: list[str], passes: list[str]) -> dict:
             res["computes"] = ("causal only, no bias, no mask" if impl.computes == "plain"
                                else "bias, mask and causal")
             ok = res["check_rel_err"] < FWD_TOL
+            res["check_fwd_ok"] = bool(ok)  # the forward row's verdict, whatever the backward does
             res["same_function"] = bool(res["check_rel_err_vs_config"] < FWD_TOL)
             if want_grad:
                 try:

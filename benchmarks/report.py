@@ -318,7 +318,8 @@ def markdown(records: list[dict]) -> str:
         for r in checked:
             fe = r.get("check_rel_err")
             ge = r.get("check_grad_rel_err")
-            ok = "✓" if r.get("check_ok") else ("✗ " + r.get("check_error", "")[:60])
+            good = r.get("check_fwd_ok", r.get("check_ok")) if r["pass"] == "fwd" else r.get("check_ok")
+            ok = "✓" if good else ("✗ " + (r.get("check_error") or r.get("check_grad_error", ""))[:60])
             if r.get("same_function") is False:
                 ok += " (different function)"
             lines.append(f"| {r['config']} | {r['impl']} | {r['pass']} | "
