@@ -11,16 +11,6 @@
 
 namespace dmattn {
 
-// op over x[0..N) as a balanced tree (N a power of two); x is overwritten.
-template <int N, typename Op>
-__device__ __forceinline__ float tree_reduce(float (&x)[N], Op op) {
-#pragma unroll
-  for (int width = N / 2; width > 0; width /= 2)
-#pragma unroll
-    for (int i = 0; i < width; ++i) x[i] = op(x[i], x[i + width]);
-  return x[0];
-}
-
 // MA mma atoms per warp, each owning rows g and g + 8 (h = 0, 1) of its 16; NA 8-key column tiles
 // of S; DA 8-wide column tiles of O. Each lane holds partial row sums; the quad holds the row.
 template <int MA, int NA, int DA>
@@ -46,23 +36,24 @@ struct OnlineSoftmax {
     for (int a = 0; a < MA; ++a) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // Row maximum and sum as pairwise trees (depth log2(2 NA), not 2 NA): with two warps
-        // per scheduler the softmax is bound by dependent-instruction latency, not issue.
-        float part[NA];
+        float mx = row_max[a][h];
 #pragma unroll
-        for (int nt = 0; nt < NA; ++nt) part[nt] = fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]);
-        const float mx = quad_max(fmaxf(row_max[a][h], tree_reduce<NA>(part, [](float x, float y) { return fmaxf(x, y); })));
+        for (int nt = 0; nt < NA; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
+        mx = quad_max(mx);
         const float m_use = mx == neg_inf() ? 0.f : mx;
         alpha[a][h] = fast_exp2(row_max[a][h] - m_use);
         moved |= mx != row_max[a][h];
         row_max[a][h] = mx;
+        float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NA; ++nt) {
-          s[a][nt][2 * h] = fast_exp2(s[a][nt][2 * h] - m_use);
-          s[a][nt][2 * h + 1] = fast_exp2(s[a][nt][2 * h + 1] - m_use);
-          part[nt] = s[a][nt][2 * h] + s[a][nt][2 * h + 1];
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            s[a][nt][e] = fast_exp2(s[a][nt][e] - m_use);
+            sum += s[a][nt][e];
+          }
         }
-        row_sum[a][h] = row_sum[a][h] * alpha[a][h] + tree_reduce<NA>(part, [](float x, float y) { return x + y; });
+        row_sum[a][h] = row_sum[a][h] * alpha[a][h] + sum;
       }
     }
     return __any_sync(0xffffffffu, moved);
