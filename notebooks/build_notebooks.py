@@ -69,7 +69,8 @@ there.
 ## Forward on NumPy
 
 A small problem: 2 query heads sharing 1 key/value head, a random bias, and a mask keeping the 16
-keys with the largest bias in each row (after causal masking), built by `dm.topk_mask`.
+keys with the largest bias in each row (after causal masking), built by `dm.topk_mask` (on CuPy
+arrays a radix-select kernel that gives the same mask bit for bit, in ~1.4 ms for a 16k x 16k bias).
 '''),
     code('''rng = np.random.default_rng(0)
 B, Sq, Sk, H, Hk, D = 2, 64, 64, 2, 1, 32
@@ -363,8 +364,9 @@ else:
     md('''
 How to read them: a ratio above 1 means dmattn_cupy is faster than that peer on the same GPU.
 `sdpa_flash` and `sdpa_cudnn` compute plain causal attention **without** the bias and mask — a
-different, dense function, shown as the speed of plain attention. `sdpa_efficient` and `flex` compute
-the same function as dmattn_cupy; `flex_build` includes building FlexAttention's BlockMask, which a
+different, dense function, shown as the speed of plain attention. `sdpa_efficient`, `sdpa_cudnn_bias`
+(forward only: cuDNN has no backward for a bias that needs a gradient) and `flex` compute the same
+function as dmattn_cupy; `flex_build` includes building FlexAttention's BlockMask, which a
 dynamic mask needs at every step. In the sparsity sweep, `time(d) / time(1)` close to `d` means the
 kernel turns skipped tiles into saved time.
 '''),
