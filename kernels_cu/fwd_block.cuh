@@ -85,18 +85,17 @@ struct FwdBlock {
               : nullptr;
         });
   }
+  // K or V rows of key tile t (base: k or v, row_stride: its key stride).
   template <typename Tiles>
-  __device__ __forceinline__ void load_k(u16* sK, int t) const {
+  __device__ __forceinline__ void load_keys(u16* smem, const u16* base, i64 row_stride, int t) const {
     const int n0 = t * BLOCK_N;
     load_strided_rows<HEAD_DIM, BLOCK_N, kThreads, typename Tiles::template Layout<BLOCK_N>>(
-        sK, k + static_cast<i64>(n0) * a.k_stride[1], a.k_stride[1], a.seqlen_k - n0, a.head_dim);
+        smem, base + static_cast<i64>(n0) * row_stride, row_stride, a.seqlen_k - n0, a.head_dim);
   }
   template <typename Tiles>
-  __device__ __forceinline__ void load_v(u16* sV, int t) const {
-    const int n0 = t * BLOCK_N;
-    load_strided_rows<HEAD_DIM, BLOCK_N, kThreads, typename Tiles::template Layout<BLOCK_N>>(
-        sV, v + static_cast<i64>(n0) * a.v_stride[1], a.v_stride[1], a.seqlen_k - n0, a.head_dim);
-  }
+  __device__ __forceinline__ void load_k(u16* sK, int t) const { load_keys<Tiles>(sK, k, a.k_stride[1], t); }
+  template <typename Tiles>
+  __device__ __forceinline__ void load_v(u16* sV, int t) const { load_keys<Tiles>(sV, v, a.v_stride[1], t); }
   // The (seq_rows x BLOCK_N) mask and bias tiles of key tile t.
   __device__ __forceinline__ void load_aux(unsigned char* sMask, unsigned char* sBias, int t) const {
     const int n0 = t * BLOCK_N;

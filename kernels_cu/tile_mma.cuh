@@ -26,13 +26,10 @@ struct MmaSyncTiles {
   static constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
   static constexpr int MA = Tr::kMAtoms, NA = Tr::kNAtoms, DA = Tr::kDAtoms, KS = Tr::kKSteps;
   static constexpr int kStride = Tr::kStride;
-  static constexpr int kStageAlign = 16;
 
   static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * kStride * 2; }
 
   template <int ROWS> using Layout = PaddedRows<HEAD_DIM>;
-  // After this thread's copies landed, before the barrier: ldmatrix reads them as they are.
-  static __device__ __forceinline__ void copies_visible() {}
 
   // S = Q K^T for this warp's kMAtoms x 16 rows (tile rows from warp_row0) and all kBlockN keys.
   static __device__ __forceinline__ void qk(float (&s)[MA][NA][4], const u16* sQ, const u16* sK,
@@ -95,7 +92,6 @@ struct WgmmaTiles {
   static constexpr int kBlockM = 64, kBlockN = 64;
   static constexpr int MA = 1, NA = kBlockN / 8, DA = HEAD_DIM / 8, KS = HEAD_DIM / 16;
   static constexpr int kSlabElems = 64;  // columns per 128-byte swizzled slab
-  static constexpr int kStageAlign = 1024;
 
   static __host__ __device__ constexpr int tile_bytes(int rows) { return rows * HEAD_DIM * 2; }
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 WGMMA_HEAD_DIMS = (64, 128)
-# Where the warpgroup kernel is the default on Hopper (DMATTN_CUPY_MMA=auto).
-WGMMA_DEFAULT_HEAD_DIMS = (64, 128)
 # fwd_wgmma.cu's rings (WgmmaFwdTraits): K and mask/bias slots, V slots.
 WGMMA_K_STAGES, WGMMA_V_STAGES = 3, 2
 THREADS = 128
@@ -66,7 +64,8 @@ class FwdConfig:
     m_blocks: int         # query tiles per (batch, head group)
     num_splits: int       # key-range splits (> 1: partials merged by fwd_combine_kernel)
     tiles_per_split: int
-    stages: int           # key tiles in flight (cp.async ring of 2 or 3)
+    stages: int           # mma.sync kernel: key tiles in flight (2 or 3); the Hopper kernel's
+                          # rings are fixed (WgmmaFwdTraits), this records its K slots
     smem_bytes: int
 
 
@@ -107,11 +106,9 @@ def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, i
 
 
 def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
-    """Warpgroup tiles need sm_90 and a tile head dim of 64 or 128 (see mma_choice)."""
-    if capability != 90 or choice == "sync":
-        return False
-    dims = WGMMA_HEAD_DIMS if choice == "wgmma" else WGMMA_DEFAULT_HEAD_DIMS
-    return tile_head_dim(head_dim) in dims
+    """The warpgroup kernel needs sm_90 and a tile head dim of 64 or 128; it is the default
+    there ("auto" and "wgmma" agree), "sync" turns it off (see mma_choice)."""
+    return capability == 90 and choice != "sync" and tile_head_dim(head_dim) in WGMMA_HEAD_DIMS
 
 
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
