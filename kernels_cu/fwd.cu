@@ -35,7 +35,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   typedef MmaSyncTiles<T, HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0> Tiles;
   constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
   constexpr int MA = Tiles::MA, NA = Tiles::NA, DA = Tiles::DA;
-  typedef FwdBlock<T, HEAD_DIM, BM, BN, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
+  typedef FwdBlock<T, HEAD_DIM, BM, BN, 128, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
   const Block blk(p);
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -107,37 +107,78 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(visited));
 }
 
-// Merges split partials; one warp per (batch, head, row).
+// Merges split partials; one CTA per (batch, head, row), its threads sharing the splits: a
+// decode row has up to kMaxSplits partials, and one thread walking them all in a dependent chain
+// of loads took longer than the split kernel itself. The host sizes the CTA to the row's work
+// (config.combine_threads: a multiple of 32, at least head_dim / 2, at most kMaxCombineThreads).
+constexpr int kMaxSplits = 256;          // mirrors config.MAX_SPLITS
+constexpr int kMaxCombineThreads = 512;  // mirrors config.MAX_COMBINE_THREADS
+
+__device__ __forceinline__ float block_reduce(float x, bool is_max, float* scratch) {
+  for (int o = 16; o > 0; o /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // scratch may still be read by the previous reduction
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < blockDim.x / 32; ++w) x = is_max ? fmaxf(x, scratch[w]) : x + scratch[w];
+  return x;
+}
+
 template <typename T>
-__global__ void __launch_bounds__(128) fwd_combine_kernel(const __grid_constant__ FwdParams p) {
+__global__ void __launch_bounds__(kMaxCombineThreads) fwd_combine_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ float weight[kMaxSplits];           // exp(lse_s - mx): split s's share of the row
+  __shared__ float2 part[kMaxCombineThreads];    // per (split group, column pair) sums
+  __shared__ float scratch[kMaxCombineThreads / 32];
   const AttnParams& a = p.a;
   const i64 rows = static_cast<i64>(a.batch) * a.heads * a.seqlen_q;
-  const i64 row = static_cast<i64>(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  const i64 row = blockIdx.x;
+  const int splits = p.num_splits, tid = threadIdx.x, threads = blockDim.x;
+
+  //   lse = mx + log sum_s exp(lse_s - mx),  mx = max_s lse_s   (-inf: no split saw a key)
   float mx = neg_inf();
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_split[s * rows + row]);
+  for (int s = tid; s < splits; s += threads) mx = fmaxf(mx, p.lse_split[s * rows + row]);
+  mx = block_reduce(mx, true, scratch);
   float total = 0.f;
-  if (mx != neg_inf())
-    for (int s = 0; s < p.num_splits; ++s) total += __expf(p.lse_split[s * rows + row] - mx);
+  for (int s = tid; s < splits; s += threads) {
+    const float e = mx == neg_inf() ? 0.f : __expf(p.lse_split[s * rows + row] - mx);
+    weight[s] = e;
+    total += e;
+  }
+  total = block_reduce(total, false, scratch);  // its barriers publish `weight`
   const float lse = mx == neg_inf() ? neg_inf() : mx + logf(total);
+  const float inv_total = mx == neg_inf() ? 0.f : 1.f / total;
+
+  // O = sum_s weight_s / total * O_s: thread = (split group g, column pair c); groups stride the
+  // splits so each thread's loads are independent and stay in flight together.
+  const int pairs = a.head_dim / 2, groups = threads / pairs;
+  const int g = tid / pairs, c = tid % pairs;
+  float2 acc = make_float2(0.f, 0.f);
+  if (g < groups) {
+    const float* o_col = p.o_split + row * a.head_dim + 2 * c;
+#pragma unroll 8
+    for (int s = g; s < splits; s += groups) {
+      const float2 x = *reinterpret_cast<const float2*>(o_col + s * rows * a.head_dim);
+      acc.x += weight[s] * x.x;
+      acc.y += weight[s] * x.y;
+    }
+  }
+  part[tid] = acc;
+  __syncthreads();
+  if (g != 0) return;
+  for (int h = 1; h < groups; ++h) {
+    acc.x += part[h * pairs + c].x;
+    acc.y += part[h * pairs + c].y;
+  }
   const i64 bh = row / a.seqlen_q;
   const int seq = static_cast<int>(row % a.seqlen_q);
   const int b = static_cast<int>(bh / a.heads), head = static_cast<int>(bh % a.heads);
   u16* o = static_cast<u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(seq) * p.o_stride[1] +
            static_cast<i64>(head) * p.o_stride[2];
-  for (int d = 2 * lane; d < a.head_dim; d += 64) {
-    float2 acc = make_float2(0.f, 0.f);
-    if (mx != neg_inf())
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float w = __expf(p.lse_split[s * rows + row] - lse);
-        const float2 x = *reinterpret_cast<const float2*>(p.o_split + (s * rows + row) * a.head_dim + d);
-        acc.x += w * x.x;
-        acc.y += w * x.y;
-      }
-    *reinterpret_cast<u32*>(o + d) = T::pack(acc.x, acc.y);
-  }
-  if (lane == 0) p.lse[row] = lse;
+  *reinterpret_cast<u32*>(o + 2 * c) = T::pack(acc.x * inv_total, acc.y * inv_total);
+  if (c == 0 && p.lse != nullptr) p.lse[row] = lse;
 }
 
 }  // namespace dmattn

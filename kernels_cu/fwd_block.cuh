@@ -13,10 +13,10 @@
 
 namespace dmattn {
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL,
-          bool SOFTCAP>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int THREADS, int MASK_BYTES, int BIAS_BYTES,
+          bool CAUSAL, bool SOFTCAP>
 struct FwdBlock {
-  static constexpr int kThreads = 128;  // one warpgroup: 4 warps
+  static constexpr int kThreads = THREADS;
   static constexpr int kMaskRow = MASK_BYTES ? aux_row_bytes(BLOCK_N, MASK_BYTES) : 0;
   static constexpr int kBiasRow = BIAS_BYTES ? aux_row_bytes(BLOCK_N, BIAS_BYTES) : 0;
   typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
@@ -109,13 +109,24 @@ struct FwdBlock {
 
   // ---- scores of key tile t, in place: s2 = log2(e) * mask(softcap(scale * s + bias)), hidden
   // positions -inf. s holds MA 16-row atoms in the mma C layout; aux_row[at] is the mask/bias
-  // row of this lane's row g of atom at (g + 8: one row further).
+  // row of this lane's row g of atom at (g + 8: one row further). Only the last key tile and the
+  // tiles the causal diagonal crosses need bounds checks; the other tiles take a copy without
+  // them (no index math or selects per score: the common tile is the softmax's critical path).
   template <int MA, int NA>
   __device__ __forceinline__ void score_mods(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                              const unsigned char* sBiasT, const int (&aux_row)[MA], int t,
                                              int tq) const {
     const int n0 = t * BLOCK_N;
-    const bool edge = n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q);
+    if (n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q))
+      score_mods_tile<true>(s, sMaskT, sBiasT, aux_row, n0, tq);
+    else
+      score_mods_tile<false>(s, sMaskT, sBiasT, aux_row, n0, tq);
+  }
+
+  template <bool EDGE, int MA, int NA>
+  __device__ __forceinline__ void score_mods_tile(float (&s)[MA][NA][4], const unsigned char* sMaskT,
+                                                  const unsigned char* sBiasT, const int (&aux_row)[MA],
+                                                  int n0, int tq) const {
     const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
     const float inv_cap = 1.f / a.softcap;
 #pragma unroll
@@ -134,11 +145,15 @@ struct FwdBlock {
             mask_pair(reinterpret_cast<const MaskRaw*>(sMaskT + r * kMaskRow), pair, keep[0], keep[1]);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float bval = fmaxf(j == 0 ? bv.x : bv.y, kBiasFloor);
             float x = s[at][nt][2 * h + j];
-            x = SOFTCAP ? cap_log2 * fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap))
-                        : fmaf(x, a.scale_log2, bval * kLog2e);
-            if (edge) {
+            if constexpr (BIAS_BYTES > 0) {
+              const float bval = fmaxf(j == 0 ? bv.x : bv.y, kBiasFloor);
+              x = SOFTCAP ? cap_log2 * fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap))
+                          : fmaf(x, a.scale_log2, bval * kLog2e);
+            } else {
+              x = SOFTCAP ? cap_log2 * fast_tanh(x * scale_over_cap) : x * a.scale_log2;
+            }
+            if constexpr (EDGE) {
               const int key = n0 + 2 * pair + j;
               keep[j] = keep[j] && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
             }
@@ -173,7 +188,7 @@ struct FwdBlock {
             if (d < a.head_dim)
               *reinterpret_cast<u32*>(o + d) = T::pack(acc_o[at][dt][2 * h] * inv_l, acc_o[at][dt][2 * h + 1] * inv_l);
           }
-          if (tq == 0) p.lse[bh * a.seqlen_q + row] = lse;
+          if (tq == 0 && p.lse != nullptr) p.lse[bh * a.seqlen_q + row] = lse;
         } else {
           const i64 split_row = (static_cast<i64>(split) * a.batch * a.heads + bh) * a.seqlen_q + row;
           float* o = p.o_split + split_row * a.head_dim;

@@ -1,11 +1,19 @@
 // fwd_wgmma.cu — the forward on Hopper warpgroup MMAs (sm_90a), products overlapped with the
 // softmax. Same CTA ownership, block skipping, score transform and epilogue as fwd_kernel
-// (fwd_block.cuh); one warpgroup computes a 64-row query tile against 64-key tiles.
+// (fwd_block.cuh); each warpgroup computes 64 query rows of the CTA's tile against each key tile.
+//
+// Two shapes (WgmmaFwdTraits):
+//   narrow  one warpgroup, 64 rows x 64-key tiles, K ring of 3: small enough that 2-4 CTAs share a
+//           multiprocessor and interleave (D = 64, and D = 128 with mask/bias rows that would not
+//           fit the wide shape);
+//   wide    two warpgroups, 128 rows x 128-key tiles, K ring of 2, one CTA per multiprocessor:
+//           each K/V tile feeds twice the rows (half the K/V traffic per FLOP) and each barrier,
+//           wait and softmax step covers twice the keys (FlashAttention-3's D = 128 shape).
 //
 // Why overlap: issued one after another, Q K^T, the softmax and P V take turns and the tensor
 // cores idle during the softmax. wgmma is asynchronous, so each iteration issues two products
 // and runs the softmax while the second one computes (FlashAttention-3's intra-warpgroup
-// pipelining). Iteration i (visit i of the active key tiles, tile t_i):
+// pipelining). Iteration i (visit i of the active key tiles, tile t_i), per warpgroup:
 //   issue  S_i = Q K_i^T                      group 1
 //   issue  O  += P_{i-1} V_{i-1}              group 2 (P_{i-1} is in registers since iteration i-1)
 //   wait for group 1 ; s2 = mods(S_i) ; m, P_i = 2^(s2 - m), alpha   (P V_{i-1} still running)
@@ -14,39 +22,44 @@
 // and after the last tile: O += P_last V_last.
 //
 // Shared memory (bytes; Q/K/V tiles rows x D x 2 in 128-byte swizzled slabs, 1024-aligned):
-//   sQ          64-row tile, loaded once
-//   sK[3]       K tiles, a ring over visits: slot i % 3
+//   sQ          kBlockM-row tile, loaded once (warpgroup w reads rows 64w..64w+63)
+//   sK[KS]      K tiles, a ring over visits: slot i % KS
 //   sV[2]       V tiles: slot i % 2
-//   sAux[3]     mask | bias tiles (seq_rows x (64 * E + 16) each), slot i % 3, like K
+//   sAux[KS]    mask | bias tiles (seq_rows x (kBlockN * E + 16) each), slot i % KS, like K
 //   sBits       one bit per key tile of the split (mask scan result)
 // cp.async: at the top of iteration i (after its barrier) the CTA copies V_i and then K, mask,
-// bias of visit i + 2 — two commit groups. The barrier at the top of iteration i guarantees:
-//   - K_i, aux_i (copied in iteration i - 2) and V_{i-1} (iteration i - 1) have landed for every
-//     thread (wait_group 1 leaves only the newest group, K/aux of visit i + 1, in flight) and are
-//     visible to the async proxy (each thread fences its copies before the barrier);
-//   - slot (i + 2) % 3 = (i - 1) % 3 is free: S_{i-1} was waited for and aux_{i-1} read in
+// bias of visit i + KS - 1 — two commit groups. The barrier at the top of iteration i guarantees:
+//   - K_i, aux_i (copied in iteration i - KS + 1) and V_{i-1} (iteration i - 1) have landed for
+//     every thread (wait_group KS - 2 leaves only the K/aux groups of later visits in flight)
+//     and are visible to the async proxy (each thread fences its copies before the barrier);
+//   - slot (i + KS - 1) % KS = (i - 1) % KS is free: S_{i-1} was waited for and aux_{i-1} read in
 //     iteration i - 1; slot i % 2 of V is free: P V_{i-2} was waited for in iteration i - 1.
-// Occupancy: D = 64 fits three CTAs per multiprocessor with a mask and a bias (four without),
-// D = 128 two (kMinBlocks; config.py mirrors the carve-up).
+// config.py mirrors the carve-up.
 #include "fwd_block.cuh"
 #include "tile_mma.cuh"
 
 namespace dmattn {
 
-template <int HEAD_DIM, bool HAS_AUX>
+template <int HEAD_DIM, int WARPGROUPS, bool HAS_AUX>
 struct WgmmaFwdTraits {
-  static constexpr int kKStages = 3;  // K and aux slots: visit i + 2 is copied during visit i
+  static_assert(WARPGROUPS == 1 || WARPGROUPS == 2, "narrow (1) or wide (2)");
+  static constexpr int kThreads = 128 * WARPGROUPS;
+  static constexpr int kBlockM = 64 * WARPGROUPS;
+  static constexpr int kBlockN = WARPGROUPS == 1 ? 64 : 128;
+  static constexpr int kKStages = WARPGROUPS == 1 ? 3 : 2;  // visit i + KS - 1 copied during visit i
   static constexpr int kVStages = 2;  // V_i is copied during visit i, read during visit i + 1
-  static constexpr int kMinBlocks = HEAD_DIM == 64 ? (HAS_AUX ? 3 : 4) : 2;
+  static constexpr int kMinBlocks = WARPGROUPS == 2 ? 1 : HEAD_DIM == 64 ? (HAS_AUX ? 3 : 4) : 2;
 };
 
-template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
-__global__ void __launch_bounds__(128, (WgmmaFwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0>::kMinBlocks))
+template <typename T, int HEAD_DIM, int WARPGROUPS, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
+__global__ void __launch_bounds__((WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0>::kThreads),
+                                  (WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0>::kMinBlocks))
 fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
-  typedef WgmmaTiles<T, HEAD_DIM> Tiles;
-  typedef WgmmaFwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0> Tr;
-  constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN, NA = Tiles::NA, DA = Tiles::DA;
-  typedef FwdBlock<T, HEAD_DIM, BM, BN, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
+  typedef WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0> Tr;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, KS = Tr::kKStages;
+  typedef WgmmaTiles<T, HEAD_DIM, BM, BN> Tiles;
+  constexpr int NA = Tiles::NA, DA = Tiles::DA;
+  typedef FwdBlock<T, HEAD_DIM, BM, BN, Tr::kThreads, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
   const Block blk(p);
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -54,13 +67,13 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   const int aux_bytes = blk.seq_rows * (Block::kMaskRow + Block::kBiasRow);
   u16* sQ = reinterpret_cast<u16*>(smem);
   unsigned char* sKBase = smem + Tiles::tile_bytes(BM);
-  unsigned char* sVBase = sKBase + Tr::kKStages * kTile;
+  unsigned char* sVBase = sKBase + KS * kTile;
   unsigned char* sAuxBase = sVBase + Tr::kVStages * kTile;
-  u32* sBits = reinterpret_cast<u32*>(sAuxBase + Tr::kKStages * aux_bytes);
+  u32* sBits = reinterpret_cast<u32*>(sAuxBase + KS * aux_bytes);
   // Slots by visit index i.
-  auto sK = [&](int i) { return reinterpret_cast<u16*>(sKBase + (i % Tr::kKStages) * kTile); };
+  auto sK = [&](int i) { return reinterpret_cast<u16*>(sKBase + (i % KS) * kTile); };
   auto sV = [&](int i) { return reinterpret_cast<u16*>(sVBase + (i % Tr::kVStages) * kTile); };
-  auto sMask = [&](int i) { return sAuxBase + (i % Tr::kKStages) * aux_bytes; };
+  auto sMask = [&](int i) { return sAuxBase + (i % KS) * aux_bytes; };
   auto sBias = [&](int i) { return sMask(i) + blk.seq_rows * Block::kMaskRow; };
   auto load_k_aux = [&](int t, int i) {
     if (t < blk.t_end) {
@@ -69,18 +82,24 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     }
     cp_async_commit();
   };
+  // The active tile after t (t_end: none).
+  auto after = [&](int t) { return t < blk.t_end ? blk.next_tile(sBits, t + 1) : blk.t_end; };
 
   blk.scan(sBits);
-  // Prologue: [Q, K/aux of visit 0], [K/aux of visit 1].
-  int t_cur = blk.next_tile(sBits, blk.t_begin);
-  int t_next = t_cur < blk.t_end ? blk.next_tile(sBits, t_cur + 1) : blk.t_end;
+  // ahead[j]: the tile of visit i + j, j < KS - 1 (their K/aux are copied or in flight).
+  // Prologue: [Q, K/aux of visit 0], [K/aux of visit 1], ... up to visit KS - 2.
+  int ahead[KS - 1];
+  ahead[0] = blk.next_tile(sBits, blk.t_begin);
+#pragma unroll
+  for (int j = 1; j < KS - 1; ++j) ahead[j] = after(ahead[j - 1]);
   blk.template load_q<Tiles>(sQ);
-  load_k_aux(t_cur, 0);
-  load_k_aux(t_next, 1);
+#pragma unroll
+  for (int j = 0; j < KS - 1; ++j) load_k_aux(ahead[j], j);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  const int warp_row0 = warp * 16;
+  const int warp_row0 = warp * 16;  // warpgroup w = warps 4w..4w+3 = tile rows 64w..64w+63
   const int aux_row[1] = {warp_row0 % blk.seq_rows + g};
+  const u16* sQw = Tiles::q_rows(sQ, warp / 4);
 
   float acc_o[1][DA][4];
 #pragma unroll
@@ -92,55 +111,60 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   float (&o_regs)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
   u32 (&p_regs)[NA * 2] = reinterpret_cast<u32 (&)[NA * 2]>(p_prev);
 
-  // Top of visit i: its K/aux and V_{i-1} have landed (the header's barrier argument); copy V_i and
-  // K/aux of visit i + 2. Returns the tile of visit i + 2.
-  auto begin_visit = [&](int i, int t_i, int t_i1) {
-    const int t_i2 = t_i1 < blk.t_end ? blk.next_tile(sBits, t_i1 + 1) : blk.t_end;
-    cp_async_wait<1>();
+  // Top of visit i (tile ahead[0]): its K/aux and V_{i-1} have landed (the header's barrier
+  // argument); copy V_i and K/aux of visit i + KS - 1.
+  auto begin_visit = [&](int i) {
+    const int t_last = after(ahead[KS - 2]);
+    cp_async_wait<KS - 2>();
     Tiles::copies_visible();
     __syncthreads();
-    blk.template load_v<Tiles>(sV(i), t_i);
+    blk.template load_v<Tiles>(sV(i), ahead[0]);
     cp_async_commit();
-    load_k_aux(t_i2, i + 2);
-    return t_i2;
+    load_k_aux(t_last, i + KS - 1);
+    return t_last;
+  };
+  // Moves the window one visit on.
+  auto end_visit = [&](int t_last) {
+#pragma unroll
+    for (int j = 0; j < KS - 2; ++j) ahead[j] = ahead[j + 1];
+    ahead[KS - 2] = t_last;
   };
   float s[1][NA][4];
   float (&s_regs)[NA * 4] = reinterpret_cast<float (&)[NA * 4]>(s[0]);
   float alpha[1][2];
 
   int visit = 0;
-  if (t_cur < blk.t_end) {
+  if (ahead[0] < blk.t_end) {
     // Visit 0: S_0 = Q K_0^T, P_0 (nothing to overlap yet; O is zero, so alpha is moot).
-    int t_after = begin_visit(0, t_cur, t_next);
+    int t_last = begin_visit(0);
     wgmma_fence();
-    Tiles::qk_issue(s, sQ, sK(0));
+    Tiles::qk_issue(s, sQw, sK(0));
     wgmma_wait<0>();
     fence_registers(s_regs);
-    blk.score_mods(s, sMask(0), sBias(0), aux_row, t_cur, tq);
+    blk.score_mods(s, sMask(0), sBias(0), aux_row, ahead[0], tq);
     softmax.update(s, alpha);
     Tiles::pack(p_prev, s);
-    t_cur = t_next;
-    t_next = t_after;
+    end_visit(t_last);
     // Steady state: the branch-free loop body keeps each wgmma's register operands in view of
     // the compiler from issue to wait.
-    for (visit = 1; t_cur < blk.t_end; ++visit) {
-      t_after = begin_visit(visit, t_cur, t_next);
+    for (visit = 1; ahead[0] < blk.t_end; ++visit) {
+      t_last = begin_visit(visit);
       wgmma_fence();
-      Tiles::qk_issue(s, sQ, sK(visit));                                 // S_i = Q K_i^T
-      Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));                     // O += P_{i-1} V_{i-1}
+      Tiles::qk_issue(s, sQw, sK(visit));                                    // S_i = Q K_i^T
+      Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));                         // O += P_{i-1} V_{i-1}
       wgmma_wait<1>();
       fence_registers(s_regs);
-      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t_cur, tq);  // s2 = log2(e) * mods(S_i)
-      const bool moved = softmax.update(s, alpha);                        // P_i = 2^(s2 - m)
+      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, ahead[0], tq);  // s2 = log2(e) * mods(S_i)
+      const bool moved = softmax.update(s, alpha);                           // P_i = 2^(s2 - m)
       wgmma_wait<0>();
       fence_registers(o_regs);
       fence_registers(p_regs);
-      if (moved) softmax.rescale(acc_o, alpha);                           // O *= alpha
+      if (moved) softmax.rescale(acc_o, alpha);                              // O *= alpha
       Tiles::pack(p_prev, s);
-      t_cur = t_next;
-      t_next = t_after;
+      end_visit(t_last);
     }
-    // O += P_last V_last, once V_last (the second newest copy group) has landed.
+    // O += P_last V_last, once V_last has landed (only the newest group, K/aux past the end, may
+    // still be in flight).
     cp_async_wait<1>();
     Tiles::copies_visible();
     __syncthreads();

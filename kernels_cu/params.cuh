@@ -35,7 +35,7 @@ struct FwdParams {
   AttnParams a;
   void* out;               // (B, Sq, H, D), input dtype
   i64 o_stride[3];
-  float* lse;              // (B, H, Sq), contiguous
+  float* lse;              // (B, H, Sq), contiguous; nullptr: not wanted
   float* o_split;          // (splits, B*H, Sq, D) fp32 partial outputs when num_splits > 1
   float* lse_split;        // (splits, B*H, Sq)
   u64* tiles_visited;      // optional counter of (query tile x key tile) pairs computed

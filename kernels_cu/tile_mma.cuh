@@ -84,12 +84,15 @@ struct MmaSyncTiles {
   }
 };
 
-// One warpgroup (4 warps) per CTA, 64 query rows, 64-key tiles; HEAD_DIM 64 or 128. The products
-// are asynchronous: fwd_wgmma.cu overlaps them with the softmax.
-template <typename T, int HEAD_DIM>
+// Hopper tiles: a CTA of BLOCK_M / 64 warpgroups, each computing 64 query rows against key tiles of
+// BLOCK_N (64 or 128) keys; HEAD_DIM 64 or 128. The products are asynchronous: fwd_wgmma.cu
+// overlaps them with the softmax.
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N>
 struct WgmmaTiles {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma tiles: D = 64 or 128");
-  static constexpr int kBlockM = 64, kBlockN = 64;
+  static_assert(BLOCK_N == 64 || BLOCK_N == 128, "wgmma tiles: 64 or 128 keys");
+  static constexpr int kBlockM = BLOCK_M, kBlockN = BLOCK_N;
+  static constexpr int kWarpgroupRows = 64;
   static constexpr int MA = 1, NA = kBlockN / 8, DA = HEAD_DIM / 8, KS = HEAD_DIM / 16;
   static constexpr int kSlabElems = 64;  // columns per 128-byte swizzled slab
 
@@ -100,15 +103,23 @@ struct WgmmaTiles {
   // cp.async writes through the generic proxy; wgmma reads through the async proxy.
   static __device__ __forceinline__ void copies_visible() { fence_proxy_async(); }
 
-  // Issues S = Q K^T (one commit group; the caller fences before and waits after).
-  static __device__ __forceinline__ void qk_issue(float (&s)[1][NA][4], const u16* sQ, const u16* sK) {
+  // Warpgroup wg's 64 rows of the Q tile: 64 rows further into each slab.
+  static __device__ __forceinline__ const u16* q_rows(const u16* sQ, int wg) {
+    return sQ + wg * kWarpgroupRows * kSlabElems;
+  }
+
+  // Issues S = Q K^T for one warpgroup's rows (one commit group; the caller fences before and
+  // waits after). sQw: q_rows(sQ, wg).
+  static __device__ __forceinline__ void qk_issue(float (&s)[1][NA][4], const u16* sQw, const u16* sK) {
     float (&d)[NA * 4] = reinterpret_cast<float (&)[NA * 4]>(s[0]);
+    const u64 da0 = sw128_desc(smem_u32(sQw), 16, 1024), db0 = sw128_desc(smem_u32(sK), 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       const int slab = ks / 4, in_slab = (ks % 4) * 16;  // 16 columns = 32 bytes
-      const u64 da = sw128_desc(smem_u32(sQ + slab * kBlockM * kSlabElems + in_slab), 16, 1024);
-      const u64 db = sw128_desc(smem_u32(sK + slab * kBlockN * kSlabElems + in_slab), 16, 1024);
-      wgmma_ss_m64n64k16(d, da, db, ks > 0, T());
+      const u64 da = desc_advance(da0, (slab * kBlockM * kSlabElems + in_slab) * 2);
+      const u64 db = desc_advance(db0, (slab * kBlockN * kSlabElems + in_slab) * 2);
+      if constexpr (kBlockN == 64) wgmma_ss_m64n64k16(d, da, db, ks > 0, T());
+      else wgmma_ss_m64n128k16(d, da, db, ks > 0, T());
     }
     wgmma_commit();
   }
@@ -123,10 +134,11 @@ struct WgmmaTiles {
   static __device__ __forceinline__ void pv_issue(float (&acc_o)[1][DA][4], const u32 (&pa)[NA / 2][4],
                                                   const u16* sV) {
     float (&d)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
+    // the next 64 columns of V are one slab (kBlockN rows of 128 bytes) further
+    const u64 db0 = sw128_desc(smem_u32(sV), kBlockN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < NA / 2; ++kk) {
-      // keys 16kk..16kk+15: 16 rows of 128 bytes; the next 64 columns of V are one slab further
-      const u64 db = sw128_desc(smem_u32(sV + kk * 16 * kSlabElems), kBlockN * 128, 1024);
+      const u64 db = desc_advance(db0, kk * 16 * 128);  // keys 16kk..16kk+15: 16 rows of 128 bytes
       if constexpr (HEAD_DIM == 64) wgmma_rs_m64n64k16(d, pa[kk], db, T());
       else wgmma_rs_m64n128k16(d, pa[kk], db, T());
     }

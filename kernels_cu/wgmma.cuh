@@ -28,6 +28,11 @@ __device__ __forceinline__ u64 sw128_desc(u32 addr, u32 lbo_bytes, u32 sbo_bytes
          (static_cast<u64>(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
 
+// The same descriptor `bytes` further on (a constant k-step or slab offset): the address field
+// is the low 14 bits of the descriptor, in 16-byte units, and shared addresses stay below 256 KiB,
+// so a plain add moves it without recomputing the other fields.
+__device__ __forceinline__ u64 desc_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
+
 __device__ __forceinline__ void wgmma_fence() {
 #if DMATTN_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

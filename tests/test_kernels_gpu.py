@@ -159,6 +159,11 @@ def test_decode_long_keys_split(mma_path):
     check_forward(q, k, v, mask, bias, causal=True)
     q, k, v, _, _ = make_inputs(2, 4, 20_000, 8, 2, 128, "float16")
     check_forward(q, k, v, None, None)
+    # the most splits (MAX_SPLITS) merged, a head dim whose column pairs do not divide the
+    # combine's threads, mask and bias per kv head
+    Sk = 131_072
+    q, k, v, mask, bias = make_inputs(1, 3, Sk, 4, 2, 80, "float16", (1, 2, 1, Sk), (1, 2, 1, Sk), density=0.02)
+    check_forward(q, k, v, mask, bias)
 
 
 def test_skipping_follows_the_mask(mma_path):

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 WGMMA_HEAD_DIMS = (64, 128)
-# fwd_wgmma.cu's rings (WgmmaFwdTraits): K and mask/bias slots, V slots.
-WGMMA_K_STAGES, WGMMA_V_STAGES = 3, 2
-THREADS = 128
+# Tile head dims where the Hopper kernel runs wide (two warpgroups, 128 x 128 tiles) when it fits.
+WGMMA_WIDE_HEAD_DIMS = (128,)
+WGMMA_V_STAGES = 2  # fwd_wgmma.cu, WgmmaFwdTraits::kVStages
+THREADS = 128  # one warpgroup: fwd_kernel, fwd_combine_kernel, the narrow Hopper kernel
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
-# usable per SM, 1 KiB reserved per CTA).
+# usable per SM, 1 KiB reserved per CTA), and alone.
 SMEM_PER_CTA_FOR_TWO = 113 * 1024
+SMEM_PER_CTA = 227 * 1024
 
 
 def tile_head_dim(head_dim: int) -> int:
@@ -33,24 +35,34 @@ def aux_row_bytes(block_n: int, elem_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class FwdTiles:
-    head_dim: int   # tile head dim
-    block_m: int    # query-tile rows (pack heads x block_m / pack sequence rows)
-    block_n: int    # key-tile columns
-    wgmma: bool     # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
+    head_dim: int     # tile head dim
+    block_m: int      # query-tile rows (pack heads x block_m / pack sequence rows)
+    block_n: int      # key-tile columns
+    wgmma: bool       # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
+    warpgroups: int = 1  # Hopper: 1 (narrow) or 2 (wide: 128 x 128 tiles)
 
     @classmethod
-    def for_head_dim(cls, head_dim: int, has_aux: bool, wgmma: bool) -> "FwdTiles":
-        """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>) and WgmmaTiles.
+    def for_head_dim(cls, head_dim: int, has_aux: bool, wgmma: bool, warpgroups: int = 1) -> "FwdTiles":
+        """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>) and WgmmaFwdTraits.
 
         has_aux: a mask or a bias is read. wgmma: the GPU is a Hopper (sm_90) and the tile head
-        dim is 64 or 128 — then one 4-warp warpgroup computes 64 rows x 64 keys per step
-        (kernels_cu/fwd_wgmma.cu).
+        dim is 64 or 128 — then each of `warpgroups` 4-warp warpgroups computes 64 rows against
+        64-key (narrow) or 128-key (wide) tiles (kernels_cu/fwd_wgmma.cu).
         """
         tile = tile_head_dim(head_dim)
         if wgmma and tile in WGMMA_HEAD_DIMS:
-            return cls(tile, 64, 64, True)
+            return cls(tile, 64 * warpgroups, 64 * warpgroups, True, warpgroups)
         block_n = 64 if tile <= 64 or (tile == 128 and not has_aux) else 32
         return cls(tile, 128 if tile <= 128 else 64, block_n, False)
+
+    @property
+    def threads(self) -> int:
+        return THREADS * self.warpgroups
+
+    @property
+    def k_stages(self) -> int:
+        """Hopper: K and mask/bias slots (WgmmaFwdTraits::kKStages)."""
+        return 3 if self.warpgroups == 1 else 2
 
     def tile_bytes(self, rows: int) -> int:
         """Shared-memory bytes of a rows x head_dim tile of Q, K or V."""
@@ -85,6 +97,18 @@ def choose_pack(group: int, block_m: int, shares_aux: bool) -> int:
 
 # Two CTAs are resident per multiprocessor; a grid of fewer than this many waves is split.
 MIN_WAVES = 4
+# Most key-range splits of one row (fwd.cu kMaxSplits: fwd_combine_kernel's weight buffer).
+MAX_SPLITS = 256
+MAX_COMBINE_THREADS = 512  # fwd.cu kMaxCombineThreads
+
+
+def combine_threads(splits: int, head_dim: int) -> int:
+    """Threads of fwd_combine_kernel's CTA (one per row): about 8 partial loads per thread, all
+    issued before the first is used; at least one thread per column pair, a whole number of
+    warps, at most MAX_COMBINE_THREADS."""
+    pairs = head_dim // 2
+    want = max(pairs, math.ceil(splits * pairs / 8))
+    return min(MAX_COMBINE_THREADS, 32 * math.ceil(want / 32))
 
 
 def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, int]:
@@ -98,7 +122,7 @@ def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, i
     target = MIN_WAVES * 2 * sm_count
     if base_ctas >= target or key_tiles < 16:
         return 1, max(key_tiles, 1)
-    splits = min(math.ceil(target / base_ctas), key_tiles // 8, 256)
+    splits = min(math.ceil(target / base_ctas), key_tiles // 8, MAX_SPLITS)
     if splits <= 1:
         return 1, key_tiles
     per_split = math.ceil(key_tiles / splits)
@@ -114,7 +138,18 @@ def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, shares_aux: bool,
                sm_count: int, wgmma: bool = False) -> FwdConfig:
-    tiles = FwdTiles.for_head_dim(head_dim, has_aux=mask_bytes + bias_bytes > 0, wgmma=wgmma)
+    has_aux = mask_bytes + bias_bytes > 0
+    if wgmma and tile_head_dim(head_dim) in WGMMA_WIDE_HEAD_DIMS:
+        wide = _fwd_config(FwdTiles.for_head_dim(head_dim, has_aux, True, 2), batch, heads, group,
+                           seqlen_q, seqlen_k, mask_bytes, bias_bytes, shares_aux, sm_count)
+        if wide.smem_bytes <= SMEM_PER_CTA:
+            return wide
+    return _fwd_config(FwdTiles.for_head_dim(head_dim, has_aux, wgmma), batch, heads, group,
+                       seqlen_q, seqlen_k, mask_bytes, bias_bytes, shares_aux, sm_count)
+
+
+def _fwd_config(tiles: FwdTiles, batch, heads, group, seqlen_q, seqlen_k, mask_bytes, bias_bytes,
+                shares_aux, sm_count) -> FwdConfig:
     pack = choose_pack(group, tiles.block_m, shares_aux)
     seq_rows = tiles.block_m // pack
     m_blocks = math.ceil(seqlen_q / seq_rows)
@@ -123,9 +158,9 @@ def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: i
     kv = tiles.tile_bytes(tiles.block_n)
     aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
-    if tiles.wgmma:  # sQ | sK[3] | sV[2] | mask+bias[3] | sBits
-        smem = fixed + WGMMA_K_STAGES * (kv + aux) + WGMMA_V_STAGES * kv
-        return FwdConfig(tiles, pack, m_blocks, splits, per_split, WGMMA_K_STAGES, smem)
+    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | sBits
+        smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv
+        return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
     stage = math.ceil((2 * kv + aux) / 16) * 16                   # [K | V | mask | bias]
     stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2
     return FwdConfig(tiles, pack, m_blocks, splits, per_split, stages, fixed + stages * stage)

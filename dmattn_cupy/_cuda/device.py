@@ -18,7 +18,7 @@ def current() -> tuple[int, int]:
     """(compute capability as 80/90/..., multiprocessor count); rejects GPUs older than sm_80."""
     import cupy
 
-    capability, sm_count = _properties(cupy.cuda.Device().id)
+    capability, sm_count = _properties(cupy.cuda.runtime.getDevice())
     if capability < 80:
         raise RuntimeError(
             f"dmattn_cupy's CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); "

@@ -9,7 +9,7 @@ Hopper warpgroup (wgmma) forward for sm_90a only.
 from __future__ import annotations
 
 from .compile import get_kernel, kernel_name
-from .config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS
+from .config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS, WGMMA_WIDE_HEAD_DIMS
 
 BF16, FP16 = "dmattn::bf16_t", "dmattn::fp16_t"
 
@@ -52,8 +52,9 @@ HOPPER = ("sm_90a",)
 COVERING_SET = {
     "fwd.cu": [(kernel_name("fwd_kernel", *f), "FwdParams", PORTABLE) for f in ATTENTION_FLAGS]
     + [(kernel_name("fwd_combine_kernel", t), "FwdParams", PORTABLE) for t in (BF16, FP16)],
-    "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", *f), "FwdParams", HOPPER)
-                     for f in ATTENTION_FLAGS if f[1] in WGMMA_HEAD_DIMS],
+    "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, wg, *f), "FwdParams", HOPPER)
+                     for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS
+                     for wg in ((1, 2) if d in WGMMA_WIDE_HEAD_DIMS else (1,))],
     "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams", PORTABLE)
                for f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
     + [(kernel_name(k, t), "BwdParams", PORTABLE)

@@ -1,0 +1,60 @@
+"""The forward's launch configuration (dmattn_cupy/_cuda/config.py), without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmattn_cupy._cuda.compile import kernels_dir
+from dmattn_cupy._cuda.config import (MAX_COMBINE_THREADS, MAX_SPLITS, SMEM_PER_CTA, SMEM_PER_CTA_FOR_TWO,
+                                      combine_threads, fwd_config)
+
+H100_SMS = 132
+
+
+def _config(**kw):
+    base = dict(head_dim=128, batch=2, heads=16, group=4, seqlen_q=8192, seqlen_k=8192,
+                mask_bytes=0, bias_bytes=0, shares_aux=True, sm_count=H100_SMS, wgmma=True)
+    return fwd_config(**{**base, **kw})
+
+
+def test_hopper_runs_wide_at_d128_when_it_fits():
+    dense = _config()
+    assert (dense.tiles.warpgroups, dense.tiles.block_m, dense.tiles.block_n) == (2, 128, 128)
+    assert dense.tiles.threads == 256 and dense.stages == 2 and dense.pack == 4
+    # mask and bias shared by the GQA group: 4 heads x 32 rows, their aux rows still fit
+    topk = _config(mask_bytes=1, bias_bytes=2)
+    assert topk.tiles.warpgroups == 2 and topk.smem_bytes <= SMEM_PER_CTA
+    # per-query-head mask and fp32 bias: 128 aux rows of 128 keys do not fit; narrow instead
+    per_head = _config(mask_bytes=1, bias_bytes=4, shares_aux=False)
+    assert (per_head.tiles.warpgroups, per_head.tiles.block_n, per_head.stages) == (1, 64, 3)
+
+
+def test_mma_sync_and_narrow_d64_keep_two_ctas_per_sm():
+    for d in (32, 64, 96, 128):  # larger head dims: one CTA (its K/V tiles alone fill half)
+        cfg = _config(head_dim=d, wgmma=False, mask_bytes=1, bias_bytes=2, shares_aux=False)
+        assert cfg.tiles.warpgroups == 1 and cfg.smem_bytes <= SMEM_PER_CTA_FOR_TWO, d
+    narrow = _config(head_dim=64, mask_bytes=1, bias_bytes=2, shares_aux=False)
+    assert narrow.tiles.warpgroups == 1 and narrow.smem_bytes <= SMEM_PER_CTA_FOR_TWO
+
+
+@pytest.mark.parametrize("seqlen_k", [4096, 131072, 1 << 20])
+def test_decode_splits_stay_within_the_combine_buffer(seqlen_k):
+    cfg = _config(head_dim=64, batch=1, heads=2, group=2, seqlen_q=1, seqlen_k=seqlen_k,
+                  mask_bytes=1, bias_bytes=2)
+    assert 1 < cfg.num_splits <= MAX_SPLITS
+    assert cfg.num_splits * cfg.tiles_per_split >= -(-seqlen_k // cfg.tiles.block_n)
+
+
+def test_combine_constants_match_the_kernel():
+    source = (kernels_dir() / "fwd.cu").read_text()
+    assert f"constexpr int kMaxSplits = {MAX_SPLITS};" in source
+    assert f"constexpr int kMaxCombineThreads = {MAX_COMBINE_THREADS};" in source
+
+
+@pytest.mark.parametrize("splits", [2, 3, 17, 256])
+@pytest.mark.parametrize("head_dim", [8, 64, 80, 128, 256])
+def test_combine_threads_cover_the_row(splits, head_dim):
+    threads = combine_threads(splits, head_dim)
+    assert threads % 32 == 0 and head_dim // 2 <= threads <= MAX_COMBINE_THREADS
+    # few splits: about one warp per 8 partial loads, not a full CTA of idle threads
+    assert threads <= max(32 * -(-head_dim // 64), 32 * -(-splits * head_dim // 512))
