@@ -21,12 +21,14 @@ def test_hopper_runs_wide_at_d128_when_it_fits():
     dense = _config()
     assert (dense.tiles.warpgroups, dense.tiles.block_m, dense.tiles.block_n) == (2, 128, 128)
     assert dense.tiles.threads == 256 and dense.stages == 2 and dense.pack == 4
-    # mask and bias shared by the GQA group: 4 heads x 32 rows, their aux rows still fit
-    topk = _config(mask_bytes=1, bias_bytes=2)
-    assert topk.tiles.warpgroups == 2 and topk.smem_bytes <= SMEM_PER_CTA
-    # per-query-head mask and fp32 bias: 128 aux rows of 128 keys do not fit; narrow instead
-    per_head = _config(mask_bytes=1, bias_bytes=4, shares_aux=False)
+    # a bias shared by the GQA group: 4 heads x 32 rows, its rows still fit
+    biased = _config(bias_bytes=2)
+    assert biased.tiles.warpgroups == 2 and biased.smem_bytes <= SMEM_PER_CTA
+    # per-query-head fp32 bias: 128 bias rows of 128 keys do not fit; narrow instead
+    per_head = _config(bias_bytes=4, shares_aux=False)
     assert (per_head.tiles.warpgroups, per_head.tiles.block_n, per_head.stages) == (1, 64, 3)
+    # with a mask: narrow, whose two CTAs per multiprocessor overlap the mask scan
+    assert _config(mask_bytes=1, bias_bytes=2).tiles.warpgroups == 1
 
 
 def test_mma_sync_and_narrow_d64_keep_two_ctas_per_sm():
