@@ -205,6 +205,17 @@ def markdown(records: list[dict]) -> str:
     by_key = {(r["config"], r["impl"], r["pass"]): r for r in records}
     any_rec = next((r for r in records if r.get("gpu")), {})
     lines = [f"## dmattn_cupy benchmark — {any_rec.get('gpu', '?')}", ""]
+    # Records merged from several runs name each run: commit, date and its configs.
+    runs: dict[tuple, list[str]] = {}
+    for r in records:
+        if r.get("config", "-") != "-":
+            names = runs.setdefault((str(r.get("commit", "unknown"))[:12], r.get("date", "?")[:10]), [])
+            if r["config"] not in names:
+                names.append(r["config"])
+    if len(runs) > 1:
+        lines.append("Runs merged here (every peer re-measured in each): " + "; ".join(
+            f"commit `{c}`, {d}: {', '.join(names)}" for (c, d), names in runs.items()) + ".")
+        lines.append("")
     commit = str(any_rec.get("commit", "unknown"))[:12]
     lines.append(f"commit `{commit}`, {any_rec.get('date', '?')}, "
                  f"torch {any_rec.get('torch')}, cupy {any_rec.get('cupy')}, "
