@@ -572,13 +572,8 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
   const i64 row = static_cast<i64>(blockIdx.x) * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const i64 bh = row / a.seqlen_q;
-  const int seq = static_cast<int>(row % a.seqlen_q);
-  const int b = static_cast<int>(bh / a.heads), head = static_cast<int>(bh % a.heads);
-  const u16* o = static_cast<const u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(seq) * p.o_stride[1] +
-                 static_cast<i64>(head) * p.o_stride[2];
-  const u16* d_o = static_cast<const u16*>(p.dout) + b * p.do_stride[0] + static_cast<i64>(seq) * p.do_stride[1] +
-                   static_cast<i64>(head) * p.do_stride[2];
+  const u16* o = static_cast<const u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);
+  const u16* d_o = static_cast<const u16*>(p.dout) + bshd_row_offset(a, row, p.do_stride);
   float sum = 0.f;
   for (int d = 2 * lane; d < a.head_dim; d += 64) {
     const u32 x = *reinterpret_cast<const u32*>(o + d), y = *reinterpret_cast<const u32*>(d_o + d);
@@ -600,10 +595,9 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_consta
   const i64 row = static_cast<i64>(blockIdx.x) * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  const i64 bh = row / a.seqlen_q;
-  const int seq = static_cast<int>(row % a.seqlen_q);
-  const int b = static_cast<int>(bh / a.heads), head = static_cast<int>(bh % a.heads);
-  u16* dq = static_cast<u16*>(p.dq) + ((static_cast<i64>(b) * a.seqlen_q + seq) * a.heads + head) * a.head_dim;
+  const i64 dq_stride[3] = {static_cast<i64>(a.seqlen_q) * a.heads * a.head_dim,
+                            static_cast<i64>(a.heads) * a.head_dim, a.head_dim};  // contiguous
+  u16* dq = static_cast<u16*>(p.dq) + bshd_row_offset(a, row, dq_stride);
   const float* src = p.dq_accum + row * a.head_dim;
   for (int d = 2 * lane; d < a.head_dim; d += 64) {
     const float2 x = *reinterpret_cast<const float2*>(src + d);

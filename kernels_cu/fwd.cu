@@ -172,11 +172,7 @@ __global__ void __launch_bounds__(kMaxCombineThreads) fwd_combine_kernel(const _
     acc.x += part[h * pairs + c].x;
     acc.y += part[h * pairs + c].y;
   }
-  const i64 bh = row / a.seqlen_q;
-  const int seq = static_cast<int>(row % a.seqlen_q);
-  const int b = static_cast<int>(bh / a.heads), head = static_cast<int>(bh % a.heads);
-  u16* o = static_cast<u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(seq) * p.o_stride[1] +
-           static_cast<i64>(head) * p.o_stride[2];
+  u16* o = static_cast<u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);
   *reinterpret_cast<u32*>(o + 2 * c) = T::pack(acc.x * inv_total, acc.y * inv_total);
   if (c == 0 && p.lse != nullptr) p.lse[row] = lse;
 }

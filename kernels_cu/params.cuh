@@ -31,6 +31,13 @@ struct AttnParams {
   int pad0;
 };
 
+// Element offset of row `row` (rows in (batch, head, seq) order, as lse and the one-warp-per-row
+// kernels count them) in a (B, Sq, H, D) tensor with (batch, seq, head) element strides.
+__device__ __forceinline__ i64 bshd_row_offset(const AttnParams& a, i64 row, const i64 (&stride)[3]) {
+  const i64 bh = row / a.seqlen_q, seq = row % a.seqlen_q;
+  return (bh / a.heads) * stride[0] + seq * stride[1] + (bh % a.heads) * stride[2];
+}
+
 struct FwdParams {
   AttnParams a;
   void* out;               // (B, Sq, H, D), input dtype
