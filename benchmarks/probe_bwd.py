@@ -31,7 +31,8 @@ import gpu_reference as ref  # noqa: E402  (tests/gpu_reference.py)
 import dmattn_cupy  # noqa: E402
 from dmattn_cupy._cuda.backward import backward as cuda_backward  # noqa: E402
 from dmattn_cupy._cuda.bwd_config import bwd_config  # noqa: E402
-from dmattn_cupy._cuda.device import current  # noqa: E402
+from dmattn_cupy._cuda.config import use_wgmma  # noqa: E402
+from dmattn_cupy._cuda.device import current, mma_choice  # noqa: E402
 from dmattn_cupy._validate import validate_attention  # noqa: E402
 
 # name: (B, H, Hk, S, D, topk window, topk block, target backward ms)
@@ -102,7 +103,8 @@ def tile_config(q, k, mask, bias):
     B, S, H, D = q.shape
     return bwd_config(head_dim=D, batch=B, heads=H, kv_heads=k.shape[2], seqlen_q=S, seqlen_k=S,
                       mask_bytes=1, bias_bytes=2, bias_rows_reduced=False, dbias_atomic=False,
-                      dbias_sharers=1, causal=True, sm_count=current()[1])
+                      dbias_sharers=1, causal=True, sm_count=current()[1],
+                      wgmma=use_wgmma(current()[0], D, mma_choice()))
 
 
 def bitwise_equal(a, b) -> bool:
@@ -135,8 +137,8 @@ def probe(name: str, random_mask: bool) -> None:
     t = cfg.tiles
     print(f"\n{name}: B={B} H={H} Hk={Hk} S={S} D={D} mask {'random' if random_mask else 'topk_mask'} "
           f"({mask_s:.1f} s to build)")
-    print(f"  tiles: {t.warps} warps, {t.block_m} rows x {t.block_n} keys, smem {cfg.smem_bytes} B, "
-          f"{cfg.n_tiles} key tiles x {B * Hk} (b, hk) x {cfg.chunks} chunk(s) of {cfg.chunk_tiles} query tiles")
+    print(f"  tiles: {'wgmma' if t.wgmma else 'mma.sync'}, {t.warps} warps, {t.block_m} rows x "
+          f"{t.block_n} keys, smem {cfg.smem_bytes} B, {cfg.n_tiles} key tiles x {B * Hk} (b, hk) x {cfg.chunks} chunk(s) of {cfg.chunk_tiles} query tiles")
     out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=True, return_lse=True)
 
     def run(det):

@@ -70,6 +70,7 @@
 // launched before n, normally arrives at a tile first and n rarely waits. dbias_accum tiles shared
 // by several (b, hk) CTAs of one key tile are added in (b, hk) order likewise, per query tile.
 #include "params.cuh"
+#include "bwd_mma.cuh"
 #include "bwd_tiles.cuh"
 
 namespace dmattn {
@@ -86,19 +87,56 @@ __device__ __forceinline__ void store_dbias(const BwdParams& p, i64 off, float x
   }
 }
 
-template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
-__global__ void __launch_bounds__(BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES>::kThreads,
-                                   BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES>::kMinBlocks)
-bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
-  typedef BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES> Tr;
-  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads, ST = Tr::kStride;
-  constexpr int NA = Tr::kNAtoms, KS = Tr::kKSteps, OA = Tr::kOutAtoms, DSST = Tr::kDsStride;
-  constexpr int QA = Tr::kDqAtoms, DBST = Tr::kDbStride;
-  constexpr int kMaskRow = MASK_BYTES ? aux_row_bytes(BN, MASK_BYTES) : 0;
-  constexpr int kBiasRow = BIAS_BYTES ? aux_row_bytes(BN, BIAS_BYTES) : 0;
-  constexpr int kBuf = bwd_buffer_bytes<HEAD_DIM, MASK_BYTES, BIAS_BYTES>();
+// P^T = 2^(s2 - lse2) in place of S^T for one step: s2 = log2(e) * mask(softcap(scale * s + bias)),
+// hidden positions 0. This lane holds keys key0, key0 + 8 of the tile and rows row0, row0 + 1 of
+// each 8-row column tile (bwd_mma.cuh). Only the last key tile and tiles on the causal diagonal
+// check bounds (EDGE): the other copy has no index math or selects per element.
+template <bool EDGE, typename T, typename Sm, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP, int NA, int NT>
+__device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT][4], const unsigned char* sMask,
+                                              const unsigned char* sBias, const float* lse_s, const AttnParams& a,
+                                              int key0, int row0, int n0, int m0) {
   typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
   typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
+  const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
+  const float inv_cap = 1.f / a.softcap;
+#pragma unroll
+  for (int nt = 0; nt < NA; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = key0 + (e >= 2 ? 8 : 0);  // key in the tile
+      const int r = nt * 8 + row0 + (e & 1);   // row in the query tile
+      float bval = 0.f;
+      if constexpr (BIAS_BYTES > 0)
+        bval = fmaxf(bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(sBias + Sm::BiasRows::offset(r, col))),
+                     kBiasFloor);
+      float x = s[nt][e];
+      if constexpr (SOFTCAP) {
+        th[nt][e] = fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap));
+        x = cap_log2 * th[nt][e];
+      } else {
+        x = fmaf(x, a.scale_log2, bval * kLog2e);
+      }
+      bool keep = true;
+      if constexpr (MASK_BYTES > 0)
+        keep = mask_keep(*reinterpret_cast<const MaskRaw*>(sMask + Sm::MaskRows::offset(r, col)));
+      if constexpr (EDGE) {
+        const int key = n0 + col;
+        keep = keep && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
+      }
+      // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
+      s[nt][e] = keep ? fminf(fast_exp2(x - lse_s[r]), 1.f) : 0.f;
+    }
+}
+
+template <typename T, int HEAD_DIM, bool WGMMA, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
+__global__ void __launch_bounds__((BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES, WGMMA>::kThreads),
+                                  (BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES, WGMMA>::kMinBlocks))
+bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
+  typedef BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES, WGMMA> Tr;
+  typedef typename BwdMmaFor<T, Tr, WGMMA>::type Mma;
+  typedef BwdSmem<Mma, MASK_BYTES, BIAS_BYTES> Sm;
+  constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, NT = Tr::kThreads;
+  constexpr int NA = Tr::kNAtoms, OA = Tr::kOutAtoms, QA = Tr::kDqAtoms, DBST = Tr::kDbStride;
   const AttnParams& a = p.a;
 
   // ---- what this CTA owns: key tile n_tile of (b, hk), output columns d0.., query tiles [m_lo, m_hi)
@@ -119,20 +157,20 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   const int m_hi = m_tiles - chunk * L, m_lo = max(m_begin, m_hi - L);
   const int p_lo = m_lo * G, p_hi = m_hi * G;  // pair index = m * G + (h - h_first), walked downwards
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  u16* sK = reinterpret_cast<u16*>(smem + 2 * kBuf);
-  u16* sV = sK + BN * ST;
-  u16* sdS = sV + BN * ST;
-  float* sDb = reinterpret_cast<float*>(sdS + BN * DSST);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  u16* sK = reinterpret_cast<u16*>(smem + Sm::kK);
+  u16* sV = reinterpret_cast<u16*>(smem + Sm::kV);
+  u16* sdS = reinterpret_cast<u16*>(smem + Sm::kDs);
+  float* sDb = reinterpret_cast<float*>(smem + Sm::kFixed);
   float* sColSum = sDb;
   const bool rows_reduced = BIAS_BYTES > 0 && p.dbias_rows_reduced;
   u32* sBits = reinterpret_cast<u32*>(sDb + (BIAS_BYTES == 0 ? 0 : rows_reduced ? G * BN : BM * DBST));
-  auto sQ = [&](int bi) { return reinterpret_cast<u16*>(smem + bi * kBuf); };
-  auto sdO = [&](int bi) { return sQ(bi) + BM * ST; };
-  auto sMask = [&](int bi) { return smem + bi * kBuf + 4 * BM * ST; };
-  auto sBias = [&](int bi) { return sMask(bi) + BM * kMaskRow; };
-  auto sLse = [&](int bi) { return reinterpret_cast<float*>(sBias(bi) + BM * kBiasRow); };
-  auto sDelta = [&](int bi) { return sLse(bi) + BM; };
+  auto sQ = [&](int bi) { return reinterpret_cast<u16*>(smem + Sm::kQ + bi * Mma::tile_bytes(BM)); };
+  auto sdO = [&](int bi) { return reinterpret_cast<u16*>(smem + Sm::kDo + bi * Mma::tile_bytes(BM)); };
+  auto sMask = [&](int bi) { return smem + Sm::kMask + bi * Sm::kMaskTile; };
+  auto sBias = [&](int bi) { return smem + Sm::kBias + bi * Sm::kBiasTile; };
+  auto sLse = [&](int bi) { return reinterpret_cast<float*>(smem + Sm::kLse) + bi * BM; };
+  auto sDelta = [&](int bi) { return reinterpret_cast<float*>(smem + Sm::kDelta) + bi * BM; };
 
   // The mask differs between the heads of the group only when it has one head per query head.
   const bool mask_per_head = MASK_BYTES > 0 && G > 1 && a.mask_head_div == 1 && a.mask_stride[1] != 0;
@@ -140,7 +178,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 
   // Batch b's q, dout, mask, bias: kept in shared memory, where the loop reads them after each
   // barrier, rather than in 8 of the 255 registers through the whole loop.
-  __shared__ const unsigned char* s_batch[4];
+  const unsigned char** s_batch = reinterpret_cast<const unsigned char**>(smem + Sm::kScalars);
   if (threadIdx.x == 0) {
     s_batch[0] = static_cast<const unsigned char*>(a.q) + b * a.q_stride[0] * 2;
     s_batch[1] = static_cast<const unsigned char*>(p.dout) + b * p.do_stride[0] * 2;
@@ -212,19 +250,19 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const u16* q = reinterpret_cast<const u16*>(s_batch[0]);
     const u16* dout = reinterpret_cast<const u16*>(s_batch[1]);
     const i64 head_off = static_cast<i64>(h) * a.q_stride[2];
-    load_head_rows<HEAD_DIM, BM, NT>(sQ(bi), a.head_dim, a.q, [&](int r) -> const u16* {
-      return m0 + r < Sq ? q + static_cast<i64>(m0 + r) * a.q_stride[1] + head_off : nullptr;
-    });
+    load_strided_rows<HEAD_DIM, BM, NT, typename Mma::template Layout<BM>>(
+        sQ(bi), q + static_cast<i64>(m0) * a.q_stride[1] + head_off, a.q_stride[1], Sq - m0, a.head_dim);
     const i64 do_head_off = static_cast<i64>(h) * p.do_stride[2];
-    load_head_rows<HEAD_DIM, BM, NT>(sdO(bi), a.head_dim, p.dout, [&](int r) -> const u16* {
-      return m0 + r < Sq ? dout + static_cast<i64>(m0 + r) * p.do_stride[1] + do_head_off : nullptr;
-    });
+    load_strided_rows<HEAD_DIM, BM, NT, typename Mma::template Layout<BM>>(
+        sdO(bi), dout + static_cast<i64>(m0) * p.do_stride[1] + do_head_off, p.do_stride[1], Sq - m0, a.head_dim);
     if constexpr (MASK_BYTES > 0)
-      load_aux_tile<MASK_BYTES, BN, NT>(sMask(bi), s_batch[2] + (h / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
-                                        a.mask_stride, m0, BM, n0, Sq, Sk, a.mask_vec);
+      load_aux_tile<MASK_BYTES, BN, NT, Mma::kSwizzledAux>(
+          sMask(bi), s_batch[2] + (h / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM, n0,
+          Sq, Sk, a.mask_vec);
     if constexpr (BIAS_BYTES > 0)
-      load_aux_tile<BIAS_BYTES, BN, NT>(sBias(bi), s_batch[3] + (h / a.bias_head_div) * a.bias_stride[1] * BIAS_BYTES,
-                                        a.bias_stride, m0, BM, n0, Sq, Sk, a.bias_vec);
+      load_aux_tile<BIAS_BYTES, BN, NT, Mma::kSwizzledAux>(
+          sBias(bi), s_batch[3] + (h / a.bias_head_div) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM, n0,
+          Sq, Sk, a.bias_vec);
     const i64 bh_row = (static_cast<i64>(b) * a.heads + h) * Sq;
     for (int i = threadIdx.x; i < BM; i += NT) {
       const int row = m0 + i;
@@ -236,12 +274,10 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 
   const u16* k = static_cast<const u16*>(a.k) + b * a.k_stride[0] + hk * a.k_stride[2];
   const u16* v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + hk * a.v_stride[2];
-  load_head_rows<HEAD_DIM, BN, NT>(sK, a.head_dim, a.k, [&](int r) -> const u16* {
-    return n0 + r < Sk ? k + static_cast<i64>(n0 + r) * a.k_stride[1] : nullptr;
-  });
-  load_head_rows<HEAD_DIM, BN, NT>(sV, a.head_dim, a.v, [&](int r) -> const u16* {
-    return n0 + r < Sk ? v + static_cast<i64>(n0 + r) * a.v_stride[1] : nullptr;
-  });
+  load_strided_rows<HEAD_DIM, BN, NT, typename Mma::template Layout<BN>>(
+      sK, k + static_cast<i64>(n0) * a.k_stride[1], a.k_stride[1], Sk - n0, a.head_dim);
+  load_strided_rows<HEAD_DIM, BN, NT, typename Mma::template Layout<BN>>(
+      sV, v + static_cast<i64>(n0) * a.v_stride[1], a.v_stride[1], Sk - n0, a.head_dim);
   int pr = next_pair(p_hi - 1);
   if (pr >= p_lo) load_pair(pr, 0);
   cp_async_commit();
@@ -258,8 +294,6 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   for (int o = 0; o < OA; ++o)
 #pragma unroll
     for (int e = 0; e < 4; ++e) { acc_dk[o][e] = 0.f; acc_dv[o][e] = 0.f; }
-  const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
-  const float inv_cap = 1.f / a.softcap;
   int steps = 0;  // pairs computed; the pair's buffer is steps % 2
 
   while (pr >= p_lo) {
@@ -268,6 +302,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const int pn = next_pair(pr - 1);
     const bool last_of_m = pn < p_lo || pn / G != m;
     cp_async_wait<0>();
+    Mma::copies_visible();
     __syncthreads();  // (A)
     if (pn >= p_lo) load_pair(pn, buf ^ 1);
     cp_async_commit();
@@ -276,102 +311,48 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const float* lse_s = sLse(buf);
     const float* delta_s = sDelta(buf);
 
-    // S^T = K Q^T, dP^T = V dO^T (keys x rows). Two k16 steps per iteration: unrolled further,
-    // ptxas hoists fragment loads of later steps and spills at D >= 96 (KS is even).
+    // S^T = K Q^T, dP^T = V dO^T (keys x rows)
     float s[NA][4], dp[NA][4];
-#pragma unroll
-    for (int nt = 0; nt < NA; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) { s[nt][e] = 0.f; dp[nt][e] = 0.f; }
-#pragma unroll 2
-    for (int ks = 0; ks < KS; ++ks) {
-      u32 ka[4], va[4];
-      const int a_off = (key_w + (lane % 8) + ((lane >> 3) & 1) * 8) * ST + ks * 16 + (lane >> 4) * 8;
-      ldmatrix_x4(ka, smem_u32(sK + a_off));
-      ldmatrix_x4(va, smem_u32(sV + a_off));
-#pragma unroll
-      for (int np = 0; np < NA / 2; ++np) {
-        const int b_off = (np * 16 + (lane % 8) + (lane >> 4) * 8) * ST + ks * 16 + ((lane >> 3) & 1) * 8;
-        u32 qb[4], ob[4];
-        ldmatrix_x4(qb, smem_u32(q_s + b_off));
-        mma_16816<T>(s[2 * np], ka, qb[0], qb[1]);
-        mma_16816<T>(s[2 * np + 1], ka, qb[2], qb[3]);
-        ldmatrix_x4(ob, smem_u32(do_s + b_off));
-        mma_16816<T>(dp[2 * np], va, ob[0], ob[1]);
-        mma_16816<T>(dp[2 * np + 1], va, ob[2], ob[3]);
-      }
-    }
+    Mma::sdp_issue(s, dp, sK, sV, q_s, do_s, key_w, lane);
 
-    // P = 2^(s2 - lse2) ; dS = P (dP - D) [* (1 - tanh^2)] ; dbias += dS (fp32) ; P^T, dS^T packed
-    // as pairs of T: [nt][0] = (key g, rows 2tq, 2tq+1 of atom nt), [nt][1] = key g + 8 — the A
-    // fragments of the next products and the rows of the sdS store
-    const bool edge = n0 + BN > Sk || (CAUSAL && n0 + BN - 1 > m0 + Sk - Sq);
+    // P = 2^(s2 - lse2) in s, once S^T is complete (wgmma: while dP^T computes)
+    [[maybe_unused]] float th[SOFTCAP ? NA : 1][4];  // softcap: tanh of each score, for its derivative
+    Mma::wait_s(s);
+    if (n0 + BN > Sk || (CAUSAL && n0 + BN - 1 > m0 + Sk - Sq))
+      probabilities<true, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), lse_s, a,
+                                                                          key_w + g, 2 * tq, n0, m0);
+    else
+      probabilities<false, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), lse_s, a,
+                                                                           key_w + g, 2 * tq, n0, m0);
+
+    // dS = P (dP - D) [* (1 - tanh^2)] ; dbias += dS (fp32) ; P^T, dS^T packed (bwd_mma.cuh)
+    Mma::wait_dp(dp);
     u32 p_t[NA][2], ds_t[NA][2];
     float col0 = 0.f, col1 = 0.f;  // row-broadcast bias: this lane's dS summed over its rows
 #pragma unroll
     for (int nt = 0; nt < NA; ++nt) {
-      float pv[4], ds[4];
+      float ds[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = key_w + g + (e >= 2 ? 8 : 0);  // key in the tile
-        const int r = nt * 8 + 2 * tq + (e & 1);       // row in the query tile
-        float bval = 0.f;
-        if constexpr (BIAS_BYTES > 0)
-          bval = fmaxf(bias_to_float<T>(reinterpret_cast<const BiasRaw*>(sBias(buf) + r * kBiasRow)[col]),
-                       kBiasFloor);
-        float x = s[nt][e], th = 0.f;
-        if constexpr (SOFTCAP) {
-          th = fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap));
-          x = cap_log2 * th;
-        } else {
-          x = fmaf(x, a.scale_log2, bval * kLog2e);
-        }
-        bool keep = true;
-        if constexpr (MASK_BYTES > 0) keep = mask_keep(reinterpret_cast<const MaskRaw*>(sMask(buf) + r * kMaskRow)[col]);
-        if (edge) {
-          const int key = n0 + col;
-          keep = keep && key < Sk && (!CAUSAL || key <= m0 + r + Sk - Sq);
-        }
-        // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
-        pv[e] = keep ? fminf(fast_exp2(x - lse_s[r]), 1.f) : 0.f;
-        ds[e] = pv[e] * (dp[nt][e] - delta_s[r]);
-        if constexpr (SOFTCAP) ds[e] *= 1.f - th * th;
+        const int col = key_w + g + (e >= 2 ? 8 : 0);
+        const int r = nt * 8 + 2 * tq + (e & 1);
+        ds[e] = s[nt][e] * (dp[nt][e] - delta_s[r]);
+        if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
         // dbias, dS summed over the group's heads: each element belongs to one lane, no race
         if (do_dbias && !rows_reduced) sDb[r * DBST + col] += ds[e];
       }
       col0 += ds[0] + ds[1];
       col1 += ds[2] + ds[3];
-      p_t[nt][0] = T::pack(pv[0], pv[1]);
-      p_t[nt][1] = T::pack(pv[2], pv[3]);
+      p_t[nt][0] = T::pack(s[nt][0], s[nt][1]);
+      p_t[nt][1] = T::pack(s[nt][2], s[nt][3]);
       ds_t[nt][0] = T::pack(ds[0], ds[1]);
       ds_t[nt][1] = T::pack(ds[2], ds[3]);
     }
 
-    // dV += P^T dO ; dK += dS^T Q (P^T, dS^T from registers as A operands)
-#pragma unroll
-    for (int kk = 0; kk < NA / 2; ++kk) {
-      const u32 pa[4] = {p_t[2 * kk][0], p_t[2 * kk][1], p_t[2 * kk + 1][0], p_t[2 * kk + 1][1]};
-      const u32 da[4] = {ds_t[2 * kk][0], ds_t[2 * kk][1], ds_t[2 * kk + 1][0], ds_t[2 * kk + 1][1]};
-#pragma unroll
-      for (int op = 0; op < OA / 2; ++op) {
-        const int off = (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * ST + d0 + op * 16 + (lane >> 4) * 8;
-        u32 ob[4], qb[4];
-        ldmatrix_x4_trans(ob, smem_u32(do_s + off));
-        mma_16816<T>(acc_dv[2 * op], pa, ob[0], ob[1]);
-        mma_16816<T>(acc_dv[2 * op + 1], pa, ob[2], ob[3]);
-        ldmatrix_x4_trans(qb, smem_u32(q_s + off));
-        mma_16816<T>(acc_dk[2 * op], da, qb[0], qb[1]);
-        mma_16816<T>(acc_dk[2 * op + 1], da, qb[2], qb[3]);
-      }
-    }
-
-    // dS^T -> shared memory for dQ = dS K
-#pragma unroll
-    for (int nt = 0; nt < NA; ++nt) {
-      const int r = nt * 8 + 2 * tq;
-      *reinterpret_cast<u32*>(sdS + (key_w + g) * DSST + r) = ds_t[nt][0];
-      *reinterpret_cast<u32*>(sdS + (key_w + g + 8) * DSST + r) = ds_t[nt][1];
-    }
+    // dV += P^T dO ; dK += dS^T Q (P^T, dS^T from registers as A operands) ; dS^T for dQ
+    Mma::dkdv_issue(acc_dk, acc_dv, p_t, ds_t, q_s, do_s, d0, lane);
+    Mma::store_ds(sdS, ds_t, key_w, g, tq);
+    Mma::copies_visible();
 
     // dbias of a row-broadcast bias: column sums per head slot (each key belongs to one warp: no
     // race between warps); otherwise flush sDb after the tile's last head (or each head's own)
@@ -397,28 +378,11 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 
     // dQ += dS K (unscaled; bwd_convert_dq_kernel multiplies by scale): this warp's 16 rows x
     // kDqCols columns, reduced into dq_accum (deterministic: in key-tile order, bwd_tiles.cuh)
-    if (warp < Tr::kDqWarps) {
+    if (Tr::kDqWarps == Tr::kWarps || warp < Tr::kDqWarps) {  // uniform unless D = 96 (wgmma: always)
       const int wm = warp % Tr::kDqWarpsM, wd = warp / Tr::kDqWarpsM;
       const int c0 = d0 + wd * Tr::kDqCols;
       float acc_dq[QA][4];
-#pragma unroll
-      for (int o = 0; o < QA; ++o)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dq[o][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        u32 da[4];
-        ldmatrix_x4_trans(da, smem_u32(sdS + (kk * 16 + (lane % 8) + (lane >> 4) * 8) * DSST + wm * 16 +
-                                       ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int op = 0; op < QA / 2; ++op) {
-          u32 kb[4];
-          ldmatrix_x4_trans(kb, smem_u32(sK + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * ST + c0 +
-                                         op * 16 + (lane >> 4) * 8));
-          mma_16816<T>(acc_dq[2 * op], da, kb[0], kb[1]);
-          mma_16816<T>(acc_dq[2 * op + 1], da, kb[2], kb[3]);
-        }
-      }
+      Mma::dq(acc_dq, sdS, sK, wm, c0, lane, acc_dk, acc_dv, p_t, ds_t);
       u32* turns = det ? dq_turns(h, m, warp) : nullptr;
       if (det) {
         if (lane == 0) turn_wait(turns, n_tile);
@@ -496,7 +460,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // ---- several chunks: this chunk's fp32 dK, dV to its slot (each thread its own fragments,
   // float4 i at [i * NT + thread]); the last chunk to finish sums the slots in chunk order.
   if (n_chunks > 1) {
-    __shared__ int is_last;
+    int& is_last = *reinterpret_cast<int*>(smem + Sm::kScalars + 4 * sizeof(void*));
     const i64 tile = (static_cast<i64>(part) * gridDim.x + blockIdx.x) * gridDim.z + n_tile;
     const int max_chunks = gridDim.y / Tr::kDSplit;
     float4* slots = reinterpret_cast<float4*>(p.dkv_partial) + tile * max_chunks * (2 * OA * NT);

@@ -15,15 +15,17 @@ __host__ __device__ constexpr int largest_divisor_at_most(int n, int cap) {
 // their dK, dV (16 x kDOut fp32 each) in registers, and S^T, dP^T (16 x kBlockM) for one step.
 //   D <= 128: 8 warps, 128 keys, one CTA per multiprocessor (255 registers per thread).
 //     Registers per lane: dK + dV = 2 * 16 * D / 32 = D, S^T + dP^T = 2 * 16 * kBlockM / 32 = kBlockM.
-//     kBlockM = 64 at D <= 64 (128 accumulators), 32 at D = 96, 128 (128 + 32 = 160 at D = 128;
-//     64 rows would need 192 and more shared memory than a multiprocessor has, see bwd.cu).
+//     mma.sync: kBlockM = 64 at D <= 64 (128 accumulators), 32 at D = 96, 128 (128 + 32 = 160 at
+//     D = 128; 64 rows would need 192 and more shared memory than padded rows leave, see bwd.cu).
 //     Also 32 at D <= 64 when mask + bias take more than 4 bytes per element (e.g. float32 mask
 //     and bias: 64 rows would need 256 KiB of shared memory).
+//     WGMMA (Hopper, D = 64 or 128): kBlockM = 64 always, the M of a warpgroup product: the
+//     unpadded swizzled tiles leave room for it (bwd_mma.cuh; the host checks the total).
 //   D > 128: split over kDSplit = 2 CTAs (blockIdx.z) that each accumulate kDOut output columns of
 //     dK, dV and dQ, recomputing S and dP over the full head dim (1.4x the flops, but no spills);
 //     4 warps, 64 keys, two CTAs per multiprocessor.
 // AUX_BYTES: bytes of one mask element plus one bias element (0 without either).
-template <int HEAD_DIM, int AUX_BYTES>
+template <int HEAD_DIM, int AUX_BYTES, bool WGMMA>
 struct BwdTraits {
   static constexpr int kHeadDim = HEAD_DIM;
   static constexpr int kDSplit = HEAD_DIM > 128 ? 2 : 1;      // CTAs along the head dim
@@ -34,16 +36,15 @@ struct BwdTraits {
   static constexpr int kMinBlocks = kDSplit == 1 ? 1 : 2;
   static constexpr int kBlockN = 16 * kWarps;                 // keys per CTA
   // Query rows per step (see above); at D > 128, 32 rows at kDOut = 96 and 16 at kDOut = 128.
-  static constexpr int kBlockM =
-      kDOut <= 64 && AUX_BYTES <= 4 ? 64 : (kDSplit == 1 || kDOut <= 96) ? 32 : 16;
+  static constexpr int kBlockM = WGMMA ? 64
+                                 : kDOut <= 64 && AUX_BYTES <= 4 ? 64 : (kDSplit == 1 || kDOut <= 96) ? 32 : 16;
   static constexpr int kNAtoms = kBlockM / 8;                 // 8-row column tiles of S^T
   static constexpr int kKSteps = HEAD_DIM / 16;               // k16 steps of K Q^T and V dO^T
   static constexpr int kOutAtoms = kDOut / 8;                 // 8-wide column tiles of dK, dV
-  static constexpr int kStride = HEAD_DIM + 8;                // smem row stride of Q, dO, K, V
-  static constexpr int kDsStride = kBlockM + 8;               // smem row stride of dS^T (keys x rows)
   static constexpr int kDbStride = kBlockN + 4;               // smem row stride (floats) of sDb
   // dQ = dS K (kBlockM x kDOut): warps tile it as kDqWarpsM (16-row slabs) x kDqWarpsD (kDqCols
   // columns each, a whole number of 16-column pairs); kWarps - kDqWarps warps idle (only D = 96).
+  // WGMMA: 4 x 2, warpgroup w computes columns w * D / 2.. of all 64 rows (warp 4w + i: rows 16i..).
   static constexpr int kDqWarpsM = kBlockM / 16;
   static constexpr int kDqWarpsD = largest_divisor_at_most(kDOut / 16, kWarps / kDqWarpsM);
   static constexpr int kDqWarps = kDqWarpsM * kDqWarpsD;
@@ -52,17 +53,41 @@ struct BwdTraits {
   static_assert(HEAD_DIM % 16 == 0 && kDOut % 16 == 0, "whole k16 steps and 16-column pairs");
   static_assert(kDqWarpsM <= kWarps && kDqCols % 16 == 0, "dQ warp tiling");
   static_assert(kBlockM <= kThreads, "one lse/delta load per thread");
+  static_assert(!WGMMA || ((HEAD_DIM == 64 || HEAD_DIM == 128) && kDqWarps == kWarps),
+                "wgmma backward: D = 64 or 128, every warp in the dQ product");
 };
 
-// Bytes of one pipeline buffer (everything that changes per (query tile, head) step):
-// sQ, sdO (kBlockM x (D+8) x 2), sMask, sBias (kBlockM x aux_row_bytes), sLse, sDelta (kBlockM x 4).
-template <int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES>
-__host__ __device__ constexpr int bwd_buffer_bytes() {
-  typedef BwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES> Tr;
-  return 2 * Tr::kBlockM * Tr::kStride * 2 +
-         Tr::kBlockM * (MASK_BYTES ? aux_row_bytes(Tr::kBlockN, MASK_BYTES) : 0) +
-         Tr::kBlockM * (BIAS_BYTES ? aux_row_bytes(Tr::kBlockN, BIAS_BYTES) : 0) + 2 * Tr::kBlockM * 4;
-}
+// The dK/dV kernel's shared memory, in bytes from its 1024-aligned start (bwd_config.py mirrors
+// it). Q/dO/K/V/dS^T tiles first (wgmma slabs must start on 1024-byte boundaries, and every one
+// of these sizes is a multiple of 1024 there); two pipeline buffers of what changes per step.
+//   sK, sV      kBlockN-row tiles, loaded once         sdS   dS^T, kBlockN keys x kBlockM rows
+//   sQ[2], sdO[2]  kBlockM-row tiles                   sMask[2], sBias[2]  kBlockM x AuxRows
+//   sLse[2], sDelta[2]  kBlockM floats (lse pre-multiplied by log2 e, -inf -> +inf)
+//   scalars     batch b's q, dout, mask, bias pointers (re-read after each barrier so that they do
+//               not hold 8 registers through the loop) and the last-chunk flag
+//   then, sized at run time: sDb (with a bias: kBlockM x kDbStride floats, dS summed over the
+//   heads that share a dbias head) or sColSum (row-broadcast bias: group x kBlockN floats), and
+//   sBits (with a mask: group x m_tiles bits).
+template <typename Mma, int MASK_BYTES, int BIAS_BYTES>
+struct BwdSmem {
+  static constexpr int BM = Mma::kBlockM, BN = Mma::kBlockN;
+  typedef AuxRows<MASK_BYTES ? MASK_BYTES : 1, BN, Mma::kSwizzledAux> MaskRows;
+  typedef AuxRows<BIAS_BYTES ? BIAS_BYTES : 2, BN, Mma::kSwizzledAux> BiasRows;
+  static constexpr int kMaskTile = MASK_BYTES ? BM * MaskRows::kRowBytes : 0;
+  static constexpr int kBiasTile = BIAS_BYTES ? BM * BiasRows::kRowBytes : 0;
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + Mma::tile_bytes(BN);
+  static constexpr int kDs = kV + Mma::tile_bytes(BN);
+  static constexpr int kQ = kDs + Mma::kDsBytes;
+  static constexpr int kDo = kQ + 2 * Mma::tile_bytes(BM);
+  static constexpr int kMask = kDo + 2 * Mma::tile_bytes(BM);
+  static constexpr int kBias = kMask + 2 * kMaskTile;
+  static constexpr int kLse = kBias + 2 * kBiasTile;
+  static constexpr int kDelta = kLse + 2 * BM * 4;
+  static constexpr int kScalars = kDelta + 2 * BM * 4;
+  static constexpr int kScalarBytes = 48;
+  static constexpr int kFixed = kScalars + kScalarBytes;  // then sDb / sColSum, sBits
+};
 
 // Transposed scan for one key tile [key0, key0 + BLOCK_N) and the query tiles [m_lo, m_hi): sets
 // bit (slot * m_tiles + m) when a row of query tile m has a kept, causally visible key in the

@@ -75,17 +75,35 @@ __device__ __forceinline__ void load_head_rows(u16* smem, int head_dim, const vo
   load_rows<HEAD_DIM, ROWS, THREADS, PaddedRows<HEAD_DIM>>(smem, head_dim, any_valid, row_ptr);
 }
 
+// Where element `col` of row r of a (rows x BLOCK_N) mask or bias tile of ELEM-byte elements sits
+// in shared memory (bytes from the tile's start). Both layouts put the four rows a quad reads at
+// once (2tq + {0, 1} apart) on distinct banks:
+//   padded      rows of aux_row_bytes (BLOCK_N * ELEM + 16): the forward, the mma.sync backward;
+//   SWIZZLE     unpadded rows, 16-byte chunk c of row r at chunk c ^ (r % 8): the wgmma backward,
+//               which needs the 16 bytes per row (2 KiB per tile pair) to fit D = 128.
+template <int ELEM, int BLOCK_N, bool SWIZZLE>
+struct AuxRows {
+  static constexpr int kRowBytes = SWIZZLE ? BLOCK_N * ELEM : aux_row_bytes(BLOCK_N, ELEM);
+  static_assert(!SWIZZLE || BLOCK_N * ELEM % 128 == 0, "whole groups of 8 chunks per row to swizzle");
+  static __device__ __forceinline__ int chunk_offset(int r, int c) {
+    return r * kRowBytes + (SWIZZLE ? c ^ (r & 7) : c) * 16;
+  }
+  static __device__ __forceinline__ int offset(int r, int col) {
+    return chunk_offset(r, col * ELEM / 16) + col * ELEM % 16;
+  }
+};
+
 // A (rows x block_n) tile of a mask or bias, element size ELEM bytes, read through strides.
 // Rows past seqlen_q and keys past seqlen_k are zero-filled: for a mask that means "hidden", and
 // those positions are hidden by bounds checks anyway. `vec`: rows are 16-byte aligned and seqlen_k
 // is a multiple of 16 / ELEM, so whole chunks are copied asynchronously; otherwise the elements are
 // copied one by one (a view with a padded or zero key stride).
-template <int ELEM, int BLOCK_N, int THREADS>
+template <int ELEM, int BLOCK_N, int THREADS, bool SWIZZLE = false>
 __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigned char* base,
                                               const i64 (&stride)[4], int row0, int rows,
                                               int key0, int seqlen_q, int seqlen_k, bool vec) {
   typedef typename Raw<ELEM>::type E;
-  constexpr int kRowBytes = aux_row_bytes(BLOCK_N, ELEM);
+  typedef AuxRows<ELEM, BLOCK_N, SWIZZLE> Rows;
   if (vec) {
     constexpr int kPerChunk = 16 / ELEM;
     constexpr int kChunks = BLOCK_N / kPerChunk;
@@ -95,7 +113,7 @@ __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigne
       const int row = row0 + r, key = key0 + c * kPerChunk;
       const bool valid = row < seqlen_q && key < seqlen_k;
       const unsigned char* g = base + (static_cast<i64>(row) * stride[2] + key) * ELEM;
-      cp_async_16(smem_u32(smem + r * kRowBytes + c * 16), valid ? g : base, valid);
+      cp_async_16(smem_u32(smem + Rows::chunk_offset(r, c)), valid ? g : base, valid);
     }
   } else {
 #pragma unroll 1
@@ -106,7 +124,7 @@ __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigne
       if (row < seqlen_q && key < seqlen_k)
         x = reinterpret_cast<const E*>(base)[static_cast<i64>(row) * stride[2] +
                                              static_cast<i64>(key) * stride[3]];
-      reinterpret_cast<E*>(smem + r * kRowBytes)[c] = x;
+      *reinterpret_cast<E*>(smem + Rows::offset(r, c)) = x;
     }
   }
 }

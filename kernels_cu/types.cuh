@@ -37,6 +37,9 @@ struct bf16_t {
 };
 
 // Raw storage of a mask or bias element of BYTES bytes.
+// A compile-time bool as a type: picks a copy of a generic lambda (`[&](auto tag)`).
+template <bool B> struct BoolConst { static constexpr bool value = B; };
+
 template <int BYTES> struct Raw;
 template <> struct Raw<1> { typedef unsigned char type; };
 template <> struct Raw<2> { typedef u16 type; };

@@ -2,7 +2,7 @@
 
 The tile shapes must match kernels_cu/bwd_tiles.cuh exactly (the launch passes the thread count
 and the shared-memory bytes the kernel carves up): a host program compiled with nvcc prints
-BwdTraits and bwd_buffer_bytes for every tile head dim and mask/bias element size.
+BwdTraits and BwdSmem for every tile head dim, mask/bias element size and product kind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from dmattn_cupy._cuda.bwd_config import CHUNK_BELOW_WAVES, BwdTiles, bwd_config
 from dmattn_cupy._cuda.compile import kernels_dir
-from dmattn_cupy._cuda.config import TILE_HEAD_DIMS
+from dmattn_cupy._cuda.config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS
 
 MASK_BYTES = (0, 1, 2, 4)
 BIAS_BYTES = (0, 2, 4)
@@ -33,29 +33,29 @@ def _config(**kw):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_tiles_match_the_header(tmp_path):
-    combos = list(itertools.product(TILE_HEAD_DIMS, MASK_BYTES, BIAS_BYTES))
+    combos = [(d, mb, bb, w) for d, mb, bb in itertools.product(TILE_HEAD_DIMS, MASK_BYTES, BIAS_BYTES)
+              for w in ((False, True) if d in WGMMA_HEAD_DIMS else (False,))]
     lines = []
-    for d, mb, bb in combos:
-        tr = f"dmattn::BwdTraits<{d}, {mb + bb}>"
+    for d, mb, bb, w in combos:
+        tr = f"dmattn::BwdTraits<{d}, {mb + bb}, {str(w).lower()}>"
+        sm = f"dmattn::BwdSmem<dmattn::BwdMmaFor<dmattn::bf16_t, {tr}, {str(w).lower()}>::type, {mb}, {bb}>"
         lines.append(
-            f'  printf("{d} {mb} {bb} %d %d %d %d %d %d %d\\n", {tr}::kBlockM, {tr}::kBlockN, '
-            f"{tr}::kWarps, {tr}::kDSplit, {tr}::kMinBlocks, {tr}::kDqWarps, "
-            f"dmattn::bwd_buffer_bytes<{d}, {mb}, {bb}>());")
+            f'  printf("{d} {mb} {bb} {int(w)} %d %d %d %d %d %d %d\\n", {tr}::kBlockM, {tr}::kBlockN, '
+            f"{tr}::kWarps, {tr}::kDSplit, {tr}::kMinBlocks, {tr}::kDqWarps, {sm}::kFixed);")
     src = tmp_path / "tiles.cu"
-    src.write_text('#include <cstdio>\n#include "bwd_tiles.cuh"\nint main() {\n' + "\n".join(lines) + "\n}\n")
+    src.write_text('#include <cstdio>\n#include "bwd_mma.cuh"\n#include "bwd_tiles.cuh"\nint main() {\n'
+                   + "\n".join(lines) + "\n}\n")
     exe = tmp_path / "tiles"
     subprocess.run(["nvcc", "-std=c++17", f"-I{kernels_dir()}", str(src), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
     assert len(out) == len(combos)
     for line in out:
-        d, mb, bb, bm, bn, warps, d_split, per_sm, dq_warps, buffer = map(int, line.split())
-        t = BwdTiles.for_head_dim(d, mb + bb)
+        d, mb, bb, w, bm, bn, warps, d_split, per_sm, dq_warps, fixed = map(int, line.split())
+        t = BwdTiles.for_head_dim(d, mb + bb, bool(w))
         got = (t.block_m, t.block_n, t.warps, t.d_split, t.max_ctas_per_sm, t.dq_warps)
-        assert got == (bm, bn, warps, d_split, per_sm, dq_warps), (d, mb, bb)
-        stride = d + 8
-        aux = lambda e: bn * e + 16 if e else 0  # noqa: E731 (aux_row_bytes)
-        assert 2 * bm * stride * 2 + bm * (aux(mb) + aux(bb)) + 2 * bm * 4 == buffer, (d, mb, bb)
+        assert got == (bm, bn, warps, d_split, per_sm, dq_warps), (d, mb, bb, w)
+        assert t.fixed_smem_bytes(mb, bb) == fixed, (d, mb, bb, w)
 
 
 @pytest.mark.parametrize("head_dim", TILE_HEAD_DIMS)
@@ -64,9 +64,10 @@ def test_shared_memory_fits_every_element_size(head_dim):
     for mb, bb, rows_reduced in itertools.product(MASK_BYTES, BIAS_BYTES, (False, True)):
         if rows_reduced and not bb:
             continue
-        cfg = _config(head_dim=head_dim, heads=16, kv_heads=1, seqlen_q=131072, seqlen_k=131072,
-                      mask_bytes=mb, bias_bytes=bb, bias_rows_reduced=rows_reduced)
-        assert cfg.smem_bytes <= SMEM_LIMIT, (head_dim, mb, bb, rows_reduced, cfg.smem_bytes)
+        for wgmma in (False, True):
+            cfg = _config(head_dim=head_dim, heads=16, kv_heads=1, seqlen_q=131072, seqlen_k=131072,
+                          mask_bytes=mb, bias_bytes=bb, bias_rows_reduced=rows_reduced, wgmma=wgmma)
+            assert cfg.smem_bytes <= SMEM_LIMIT, (head_dim, mb, bb, rows_reduced, wgmma, cfg.smem_bytes)
 
 
 def test_target_tiles():
@@ -75,6 +76,24 @@ def test_target_tiles():
     assert (t64.block_m, t64.block_n, t64.threads) == (64, 128, 256)
     assert (t128.block_m, t128.block_n, t128.threads) == (32, 128, 256)
     assert BwdTiles.for_head_dim(64, 8).block_m == 32  # float32 mask and bias
+
+
+def test_hopper_tiles_where_they_fit():
+    """The warpgroup products take 64-row steps at D = 64 and 128 (gqa8k_topk's shape fits in
+    231 KiB with bool mask + bf16 bias); a float32 bias at D = 128, or a mask scan too long for
+    the remaining bytes, falls back to the mma.sync tiles."""
+    gqa = dict(head_dim=128, batch=2, heads=16, kv_heads=4, seqlen_q=8192, seqlen_k=8192, wgmma=True)
+    cfg = _config(**gqa)
+    assert cfg.tiles.wgmma and cfg.tiles.block_m == 64 and cfg.smem_bytes <= SMEM_LIMIT
+    assert SMEM_LIMIT - cfg.smem_bytes < 2048  # the unpadded, swizzled mask/bias rows are needed
+    assert not _config(**{**gqa, "bias_bytes": 4}).tiles.wgmma
+    assert not _config(**{**gqa, "seqlen_q": 131072, "seqlen_k": 131072}).tiles.wgmma
+    assert _config(**{**gqa, "mask_bytes": 0, "bias_bytes": 0, "seqlen_q": 131072}).tiles.wgmma
+    seed = _config(head_dim=64, seqlen_q=16384, seqlen_k=16384, wgmma=True)
+    assert seed.tiles.wgmma and (seed.tiles.block_m, seed.tiles.block_n) == (64, 128)
+    for head_dim in (32, 96, 192, 256):  # no warpgroup tiles there
+        assert not _config(head_dim=head_dim, wgmma=True).tiles.wgmma
+    assert not _config(wgmma=False).tiles.wgmma
 
 
 def test_one_kv_head_is_cut_into_chunks():

@@ -28,12 +28,12 @@ DTYPES = ["bfloat16", "float16"]
 NAMES = ("dq", "dk", "dv", "dbias")
 
 
-
-
-
-
-
-
+@pytest.fixture(autouse=True, params=["wgmma", "sync"])
+def mma_path(request, monkeypatch):
+    """Every test runs on both kinds of products: Hopper warpgroup tiles (on sm_90, tile head
+    dims 64 and 128, forward and backward) and the portable mma.sync tiles."""
+    monkeypatch.setenv("DMATTN_CUPY_MMA", request.param)
+    return request.param
 
 
 def run_backward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None,

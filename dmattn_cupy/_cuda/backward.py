@@ -3,6 +3,7 @@
 Three launches on CuPy's current stream (kernels_cu/bwd.cu):
   bwd_preprocess_kernel  D = rowsum(dO * O), dq_accum = 0
   bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
+                         (Hopper, tile head dims 64 and 128: warpgroup products, built for sm_90a)
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
 dbias is written directly in the bias dtype when each element has one writer; when several CTAs
 share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
@@ -20,6 +21,7 @@ import numpy
 from . import compile as nvrtc
 from . import device
 from .bwd_config import THREADS, bwd_config
+from .config import use_wgmma
 from .fill import fill_attn
 from .operands import aux_operand, element_strides, qkv_operand
 from .params import BWD_PARAMS, new_record
@@ -30,7 +32,7 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     (query tile x head) steps the dK/dV kernel computed, summed over key tiles."""
     import cupy
 
-    _, sm_count = device.current()
+    capability, sm_count = device.current()
     q, k, v = qkv_operand(q), qkv_operand(k), qkv_operand(v)
     if dout.dtype != q.dtype:
         dout = dout.astype(q.dtype)
@@ -62,7 +64,8 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     cfg = bwd_config(head_dim=D, batch=B, heads=H, kv_heads=Hk, seqlen_q=Sq, seqlen_k=Sk,
                      mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
                      bias_rows_reduced=rows_reduced, dbias_atomic=db_atomic,
-                     dbias_sharers=db_sharers, causal=problem.causal, sm_count=sm_count)
+                     dbias_sharers=db_sharers, causal=problem.causal, sm_count=sm_count,
+                     wgmma=use_wgmma(capability, D, device.mma_choice()))
     tiles = cfg.tiles
     delta = cupy.empty((B, H, Sq), dtype=numpy.float32)
     dq_accum = cupy.empty((B, H, Sq, D), dtype=numpy.float32)  # zeroed by bwd_preprocess_kernel
@@ -111,8 +114,8 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     pre = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_preprocess_kernel", elem))
     nvrtc.launch(pre, (math.ceil(rows / 4),), THREADS, rec)
     kernel = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name(
-        "bwd_dkdv_kernel", elem, tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
-        problem.softcap > 0))
+        "bwd_dkdv_kernel", elem, tiles.head_dim, tiles.wgmma, m.elem_bytes, b.elem_bytes, problem.causal,
+        problem.softcap > 0), "sm_90a" if tiles.wgmma else None)
     nvrtc.launch(kernel, (B * Hk, *cfg.grid), tiles.threads, rec, cfg.smem_bytes)
     convert = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_convert_dq_kernel", elem))
     nvrtc.launch(convert, (math.ceil(rows / 4),), THREADS, rec)

@@ -1,7 +1,6 @@
 """Backward tile and launch configuration: pure functions of sizes, testable without a GPU.
 
-Mirrors kernels_cu/bwd_tiles.cuh (BwdTraits, bwd_buffer_bytes) and the shared-memory carve-up at
-the top of kernels_cu/bwd.cu.
+Mirrors kernels_cu/bwd_tiles.cuh (BwdTraits, BwdSmem) and the tile layouts of kernels_cu/bwd_mma.cuh.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from .config import aux_row_bytes, tile_head_dim
+from .config import SMEM_PER_CTA, WGMMA_HEAD_DIMS, aux_row_bytes, tile_head_dim
 
 THREADS = 128         # bwd_preprocess_kernel, bwd_convert_dq_kernel
 # Query chunks (bwd.cu): a grid of fewer than CHUNK_BELOW_WAVES waves of CTAs cuts every key tile's
@@ -24,6 +23,7 @@ CHUNK_BELOW_WAVES = 2
 CHUNK_WAVES = 4
 MIN_CHUNK_TILES = 8
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90, of which 1 KiB is reserved per CTA
+SCALAR_BYTES = 48          # BwdSmem::kScalarBytes: batch pointers and the last-chunk flag
 
 
 @dataclass(frozen=True)
@@ -35,23 +35,49 @@ class BwdTiles:
     warps: int
     max_ctas_per_sm: int    # as registers allow (__launch_bounds__ minimum blocks)
     dq_warps: int   # warps that compute (and, deterministic, order) the dQ tile
+    wgmma: bool = False     # Hopper warpgroup products (kernels_cu/bwd_mma.cuh, BwdWgmma)
 
     @classmethod
-    def for_head_dim(cls, head_dim: int, aux_bytes: int) -> BwdTiles:
-        """aux_bytes: bytes of one mask element plus one bias element (BwdTraits' AUX_BYTES)."""
+    def for_head_dim(cls, head_dim: int, aux_bytes: int, wgmma: bool = False) -> BwdTiles:
+        """aux_bytes: bytes of one mask element plus one bias element (BwdTraits' AUX_BYTES).
+        wgmma: the Hopper products, for tile head dims 64 and 128 (64 query rows per step)."""
         tile = tile_head_dim(head_dim)
+        wgmma = wgmma and tile in WGMMA_HEAD_DIMS
         d_split = 2 if tile > 128 else 1
         d_out = tile // d_split
         warps = 8 if d_split == 1 else 4
-        block_m = 64 if d_out <= 64 and aux_bytes <= 4 else 32 if (d_split == 1 or d_out <= 96) else 16
+        if wgmma:
+            block_m = 64
+        else:
+            block_m = 64 if d_out <= 64 and aux_bytes <= 4 else 32 if (d_split == 1 or d_out <= 96) else 16
         warps_m = block_m // 16
         pairs = d_out // 16          # 16-column pairs of the dQ tile
         warps_d = max(d for d in range(1, warps // warps_m + 1) if pairs % d == 0)
-        return cls(tile, block_m, 16 * warps, d_split, warps, 1 if d_split == 1 else 2, warps_m * warps_d)
+        return cls(tile, block_m, 16 * warps, d_split, warps, 1 if d_split == 1 else 2, warps_m * warps_d,
+                   wgmma)
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
+
+    def tile_bytes(self, rows: int) -> int:
+        """A Q/dO/K/V tile: swizzled slabs (wgmma) or rows padded by 16 bytes."""
+        return rows * self.head_dim * 2 if self.wgmma else rows * (self.head_dim + 8) * 2
+
+    def aux_row_bytes(self, elem_bytes: int) -> int:
+        """A mask or bias tile row (AuxRows): unpadded and swizzled with wgmma."""
+        if not elem_bytes:
+            return 0
+        return self.block_n * elem_bytes if self.wgmma else aux_row_bytes(self.block_n, elem_bytes)
+
+    def fixed_smem_bytes(self, mask_bytes: int, bias_bytes: int) -> int:
+        """BwdSmem::kFixed: sK, sV, sdS, sQ[2], sdO[2], sMask[2], sBias[2], sLse[2], sDelta[2],
+        scalars."""
+        bm, bn = self.block_m, self.block_n
+        ds = bn * bm * 2 if self.wgmma else bn * (bm + 8) * 2
+        return (2 * self.tile_bytes(bn) + ds + 4 * self.tile_bytes(bm)
+                + 2 * bm * (self.aux_row_bytes(mask_bytes) + self.aux_row_bytes(bias_bytes))
+                + 4 * bm * 4 + SCALAR_BYTES)
 
 
 @dataclass(frozen=True)
@@ -94,21 +120,29 @@ def choose_chunk_tiles(*, tiles: BwdTiles, m_tiles: int, n_tiles: int, ctas_per_
 @functools.lru_cache(maxsize=256)
 def bwd_config(*, head_dim: int, batch: int, heads: int, kv_heads: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, bias_rows_reduced: bool,
-               dbias_atomic: bool, dbias_sharers: int, causal: bool, sm_count: int) -> BwdConfig:
+               dbias_atomic: bool, dbias_sharers: int, causal: bool, sm_count: int,
+               wgmma: bool = False) -> BwdConfig:
     """`dbias_sharers`: CTAs of one key tile that add into the same dbias_accum cells (batch
-    and/or kv heads a broadcast bias spans; 1 when dbias has one writer)."""
-    tiles = BwdTiles.for_head_dim(head_dim, mask_bytes + bias_bytes)
+    and/or kv heads a broadcast bias spans; 1 when dbias has one writer). `wgmma`: use the Hopper
+    products where the tile head dim has them and their tiles fit in shared memory."""
     group = heads // kv_heads
-    bm, bn, stride = tiles.block_m, tiles.block_n, tiles.head_dim + 8
+
+    def smem_bytes(tiles: BwdTiles) -> int:
+        bm, bn = tiles.block_m, tiles.block_n
+        smem = tiles.fixed_smem_bytes(mask_bytes, bias_bytes)
+        if bias_bytes:
+            smem += 4 * (group * bn if bias_rows_reduced else bm * (bn + 4))  # sColSum | sDb
+        if mask_bytes:
+            smem += 4 * math.ceil(group * math.ceil(seqlen_q / bm) / 32)     # sBits
+        return smem
+
+    tiles = BwdTiles.for_head_dim(head_dim, mask_bytes + bias_bytes, wgmma)
+    if tiles.wgmma and smem_bytes(tiles) > SMEM_PER_CTA:  # e.g. float32 bias, or very long Sq
+        tiles = BwdTiles.for_head_dim(head_dim, mask_bytes + bias_bytes)
+    smem = smem_bytes(tiles)
+    bm, bn = tiles.block_m, tiles.block_n
     m_tiles = math.ceil(seqlen_q / bm)
     n_tiles = math.ceil(seqlen_k / bn)
-    buffer = (2 * bm * stride * 2 + bm * aux_row_bytes(bn, mask_bytes)
-              + bm * aux_row_bytes(bn, bias_bytes) + 2 * bm * 4)
-    smem = 2 * buffer + 2 * bn * stride * 2 + bn * (bm + 8) * 2      # buf[2], sK, sV, sdS
-    if bias_bytes:
-        smem += 4 * (group * bn if bias_rows_reduced else bm * (bn + 4))  # sColSum | sDb
-    if mask_bytes:
-        smem += 4 * math.ceil(group * m_tiles / 32)                    # sBits
     resident = max(1, min(tiles.max_ctas_per_sm, SMEM_PER_SM // (smem + 1024)))
     # A row-broadcast dbias is one column sum per key tile: its chunks would share the cells.
     chunk_tiles = choose_chunk_tiles(

@@ -28,9 +28,10 @@ def current() -> tuple[int, int]:
 
 
 def mma_choice() -> str:
-    """Which forward kernel to use on Hopper: "auto" or "wgmma" (the warpgroup kernel wherever it
-    exists: tile head dims 64 and 128; it measured faster than mma.sync at both) or "sync"
-    (mma.sync everywhere). Set by DMATTN_CUPY_MMA; the tests run both kernels on one GPU this way."""
+    """Which kernels to use on Hopper, forward and backward: "auto" or "wgmma" (the warpgroup
+    kernels wherever they exist: tile head dims 64 and 128; they measured faster than mma.sync at
+    both) or "sync" (mma.sync everywhere). Set by DMATTN_CUPY_MMA; the tests run both kinds on one
+    GPU this way."""
     choice = os.environ.get("DMATTN_CUPY_MMA", "auto")
     if choice not in ("auto", "wgmma", "sync"):
         raise ValueError(f"DMATTN_CUPY_MMA must be auto, wgmma or sync; got {choice!r}")

@@ -3,7 +3,7 @@
 Used by the CI compile check (tests/test_kernels_compile.py: nvcc, registers and spills) and by
 `warmup()`, which compiles the same set through NVRTC ahead of first use. Each entry names the
 architectures it is built for: the portable kernels (and topk_mask) for sm_80 and sm_90, the
-Hopper warpgroup (wgmma) forward for sm_90a only.
+Hopper warpgroup (wgmma) forward and backward for sm_90a only.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ COVERING_SET = {
     "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, wg, *f), "FwdParams", HOPPER)
                      for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS
                      for wg in ((1, 2) if d in WGMMA_WIDE_HEAD_DIMS else (1,))],
-    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", *f), "BwdParams", PORTABLE)
-               for f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
+    "bwd.cu": [(kernel_name("bwd_dkdv_kernel", t, d, False, *f), "BwdParams", PORTABLE)
+               for t, d, *f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
+    + [(kernel_name("bwd_dkdv_kernel", t, d, True, *f), "BwdParams", HOPPER)
+       for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS]
     + [(kernel_name(k, t), "BwdParams", PORTABLE)
        for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel") for t in (BF16, FP16)],
     "topk.cu": [(kernel_name("topk_mask_kernel", *f), "TopkParams", PORTABLE) for f in TOPK_FLAGS],
