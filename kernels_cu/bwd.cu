@@ -87,6 +87,44 @@ __device__ __forceinline__ void store_dbias(const BwdParams& p, i64 off, float x
   }
 }
 
+// Writes a query tile's dbias (sDb: BM x BN fp32, complete) and zeroes sDb for the next tile. Eight
+// keys per thread and iteration: two 16-byte shared loads and one 16-byte store in the bias dtype
+// (or 8-byte fp32 reductions into dbias_accum); a group cut by the end of the keys, or a dbias
+// whose rows are not 16-byte aligned (`vec` false), goes element by element.
+template <typename T, int BIAS_BYTES, int BM, int BN, int NT, int DBST>
+__device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 base, int m0, int n0, bool atomic,
+                                            bool vec) {
+  constexpr int kGroups = BN / 8;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < BM * kGroups; i += NT) {
+    const int r = i / kGroups, c = (i % kGroups) * 8;
+    const int row = m0 + r, key = n0 + c;
+    float4* src = reinterpret_cast<float4*>(sDb + r * DBST + c);
+    const float4 lo = src[0], hi = src[1];
+    src[0] = src[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (row >= p.a.seqlen_q) continue;
+    const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
+    const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    if (vec && key + 8 <= p.a.seqlen_k) {
+      if (atomic) {
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) red_add_f32x2(p.dbias_accum + off + j, x[j], x[j + 1]);
+      } else if constexpr (BIAS_BYTES == 4) {
+        float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dbias) + off);
+        dst[0] = lo;
+        dst[1] = hi;
+      } else {
+        *reinterpret_cast<uint4*>(static_cast<u16*>(p.dbias) + off) =
+            make_uint4(T::pack(x[0], x[1]), T::pack(x[2], x[3]), T::pack(x[4], x[5]), T::pack(x[6], x[7]));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, x[j], atomic);
+    }
+  }
+}
+
 // P^T = 2^(s2 - lse2) in place of S^T for one step: s2 = log2(e) * mask(softcap(scale * s + bias)),
 // hidden positions 0. This lane holds keys key0, key0 + 8 of the tile and rows row0, row0 + 1 of
 // each 8-row column tile (bwd_mma.cuh). Only the last key tile and tiles on the causal diagonal
@@ -99,15 +137,26 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
   typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
   const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
   const float inv_cap = 1.f / a.softcap;
+  // Offsets of this lane's elements in column tile 0, [key half][row]: tile nt is 8 rows further,
+  // which keeps the swizzle phase, so every other element is a constant offset from these.
+  int mask_off[2][2], bias_off[2][2];
+#pragma unroll
+  for (int hk = 0; hk < 2; ++hk)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      mask_off[hk][j] = Sm::MaskRows::offset(row0 + j, key0 + 8 * hk);
+      bias_off[hk][j] = Sm::BiasRows::offset(row0 + j, key0 + 8 * hk);
+    }
 #pragma unroll
   for (int nt = 0; nt < NA; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int col = key0 + (e >= 2 ? 8 : 0);  // key in the tile
-      const int r = nt * 8 + row0 + (e & 1);   // row in the query tile
+      const int hk = e >> 1, j = e & 1;
+      const int r = nt * 8 + row0 + j;  // row in the query tile
       float bval = 0.f;
       if constexpr (BIAS_BYTES > 0)
-        bval = fmaxf(bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(sBias + Sm::BiasRows::offset(r, col))),
+        bval = fmaxf(bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(
+                         sBias + bias_off[hk][j] + nt * 8 * Sm::BiasRows::kRowBytes)),
                      kBiasFloor);
       float x = s[nt][e];
       if constexpr (SOFTCAP) {
@@ -118,13 +167,15 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
       }
       bool keep = true;
       if constexpr (MASK_BYTES > 0)
-        keep = mask_keep(*reinterpret_cast<const MaskRaw*>(sMask + Sm::MaskRows::offset(r, col)));
+        keep = mask_keep(
+            *reinterpret_cast<const MaskRaw*>(sMask + mask_off[hk][j] + nt * 8 * Sm::MaskRows::kRowBytes));
       if constexpr (EDGE) {
-        const int key = n0 + col;
+        const int key = n0 + key0 + 8 * hk;
         keep = keep && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
       }
       // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
-      s[nt][e] = keep ? fminf(fast_exp2(x - lse_s[r]), 1.f) : 0.f;
+      const float pv = fminf(fast_exp2(x - lse_s[r]), 1.f);
+      s[nt][e] = keep ? pv : 0.f;
     }
 }
 
@@ -156,6 +207,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   if (chunk >= n_chunks) return;
   const int m_hi = m_tiles - chunk * L, m_lo = max(m_begin, m_hi - L);
   const int p_lo = m_lo * G, p_hi = m_hi * G;  // pair index = m * G + (h - h_first), walked downwards
+  const FastDivmod by_group(G);  // pair index -> query tile m
 
   extern __shared__ __align__(1024) unsigned char smem[];
   u16* sK = reinterpret_cast<u16*>(smem + Sm::kK);
@@ -200,7 +252,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   }
   auto active = [&](int pr) -> bool {
     if constexpr (MASK_BYTES > 0) {
-      const int bit = (mask_per_head ? pr % G : 0) * m_tiles + pr / G;
+      const int m = by_group.div(pr);
+      const int bit = (mask_per_head ? pr - m * G : 0) * m_tiles + m;
       return (sBits[bit >> 5] >> (bit & 31)) & 1u;
     }
     return true;
@@ -219,6 +272,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   };
   const bool do_dbias = BIAS_BYTES > 0 && part == 0;  // one head-dim part writes dbias
   const bool db_atomic = p.dbias_accum != nullptr;
+  // dbias rows start on 16-byte boundaries: 8-key groups are written whole (flush_dbias)
+  const bool db_vec = ((p.dbias_stride[0] | p.dbias_stride[1] | p.dbias_stride[2]) & 7) == 0;
   // dbias cells shared by several CTAs (same key tile): over batch and/or over kv heads.
   const bool db_bcast_b = p.dbias_stride[0] == 0 && a.batch > 1;
   const bool db_bcast_h = p.dbias_stride[1] == 0 && a.kv_heads > 1;
@@ -236,7 +291,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int i = threadIdx.x; i < (m_hi - m_lo) * G; i += NT) {
       const int pr = p_lo + i;
       if (!active(pr))
-        for (int wt = 0; wt < Tr::kDqWarps; ++wt) turn_mark(dq_turns(h_first + pr % G, pr / G, wt), n_tile);
+        for (int wt = 0; wt < Tr::kDqWarps; ++wt) turn_mark(dq_turns(h_first + by_group.mod(pr), by_group.div(pr), wt), n_tile);
     }
     if (db_per_m) {
       for (int m = m_lo + threadIdx.x; m < m_hi; m += NT)
@@ -246,7 +301,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 
   // ---- tile copies
   auto load_pair = [&](int pr, int bi) {
-    const int m0 = (pr / G) * BM, h = h_first + pr % G;
+    const int m = by_group.div(pr), m0 = m * BM, h = h_first + pr - m * G;
     const u16* q = reinterpret_cast<const u16*>(s_batch[0]);
     const u16* dout = reinterpret_cast<const u16*>(s_batch[1]);
     const i64 head_off = static_cast<i64>(h) * a.q_stride[2];
@@ -297,10 +352,10 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   int steps = 0;  // pairs computed; the pair's buffer is steps % 2
 
   while (pr >= p_lo) {
-    const int m = pr / G, hs = pr % G, h = h_first + hs, m0 = m * BM;
+    const int m = by_group.div(pr), hs = pr - m * G, h = h_first + hs, m0 = m * BM;
     const int buf = steps & 1;
     const int pn = next_pair(pr - 1);
-    const bool last_of_m = pn < p_lo || pn / G != m;
+    const bool last_of_m = pn < p_lo || by_group.div(pn) != m;
     cp_async_wait<0>();
     Mma::copies_visible();
     __syncthreads();  // (A)
@@ -412,16 +467,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     if (flush_db) {
       const int head = h / p.dbias_head_div;
       const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
-#pragma unroll 1
-      for (int i = threadIdx.x; i < BM * BN; i += NT) {
-        const int r = i / BN, c = i % BN;
-        const int row = m0 + r, key = n0 + c;
-        const float x = sDb[r * DBST + c];
-        sDb[r * DBST + c] = 0.f;
-        if (row < Sq && key < Sk) {
-          store_dbias<T, BIAS_BYTES>(p, base + static_cast<i64>(row) * p.dbias_stride[2] + key, x, db_atomic);
-        }
-      }
+      flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, base, m0, n0, db_atomic, db_vec);
     }
     if (db_per_m && last_of_m) {  // uniform: every thread has flushed its part of tile m
       __threadfence();

@@ -89,6 +89,28 @@ struct BwdSmem {
   static constexpr int kFixed = kScalars + kScalarBytes;  // then sDb / sColSum, sBits
 };
 
+// n / d and n % d for 0 <= n < 2^31 by a divisor d >= 1 known only at run time, without the
+// ~20-instruction integer division (the pair index -> (query tile, head) of every step): the
+// quotient is umulhi(n, mul) >> shift with mul = ceil(2^(31 + l) / d), l = ceil(log2 d)
+// (Granlund and Montgomery; d = 1 passes n through).
+struct FastDivmod {
+  int d;
+  u32 mul;
+  int shift;
+  __device__ explicit FastDivmod(int divisor) : d(divisor), mul(0), shift(0) {
+    int l = 0;
+    while ((1 << l) < d) ++l;
+    if (d > 1) {
+      mul = static_cast<u32>(((1ull << (31 + l)) + d - 1) / d);
+      shift = l - 1;
+    }
+  }
+  __device__ __forceinline__ int div(int n) const {
+    return d == 1 ? n : static_cast<int>(__umulhi(static_cast<u32>(n), mul) >> shift);
+  }
+  __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
+};
+
 // Transposed scan for one key tile [key0, key0 + BLOCK_N) and the query tiles [m_lo, m_hi): sets
 // bit (slot * m_tiles + m) when a row of query tile m has a kept, causally visible key in the
 // tile, for mask head `slot` (base + slot * slot_stride bytes). Causality is applied at

@@ -104,16 +104,24 @@ __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigne
                                               int key0, int seqlen_q, int seqlen_k, bool vec) {
   typedef typename Raw<ELEM>::type E;
   typedef AuxRows<ELEM, BLOCK_N, SWIZZLE> Rows;
+  constexpr int kPerChunk = 16 / ELEM;
+  constexpr int kChunks = BLOCK_N / kPerChunk;
+  // Whole chunks: each thread keeps one chunk column and walks rows kRowStep apart (a multiple of 8:
+  // the swizzle phase stays), one pointer add, one compare and one cp.async per 16 bytes.
+  static_assert(THREADS % kChunks == 0 && (THREADS / kChunks) % 8 == 0, "rows 8k apart per thread");
+  constexpr int kRowStep = THREADS / kChunks;
   if (vec) {
-    constexpr int kPerChunk = 16 / ELEM;
-    constexpr int kChunks = BLOCK_N / kPerChunk;
+    const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+    const int key = key0 + c * kPerChunk;
+    const unsigned char* g = base + (static_cast<i64>(row0 + r0) * stride[2] + key) * ELEM;
+    const i64 step = static_cast<i64>(kRowStep) * stride[2] * ELEM;
+    u32 dst = smem_u32(smem + Rows::chunk_offset(r0, c));
 #pragma unroll 1
-    for (int i = threadIdx.x; i < rows * kChunks; i += THREADS) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int row = row0 + r, key = key0 + c * kPerChunk;
-      const bool valid = row < seqlen_q && key < seqlen_k;
-      const unsigned char* g = base + (static_cast<i64>(row) * stride[2] + key) * ELEM;
-      cp_async_16(smem_u32(smem + Rows::chunk_offset(r, c)), valid ? g : base, valid);
+    for (int r = r0; r < rows; r += kRowStep) {
+      const bool valid = row0 + r < seqlen_q && key < seqlen_k;
+      cp_async_16(dst, valid ? g : base, valid);
+      g += step;
+      dst += kRowStep * Rows::kRowBytes;
     }
   } else {
 #pragma unroll 1
