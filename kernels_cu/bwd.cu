@@ -131,7 +131,7 @@ __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 
 // check bounds (EDGE): the other copy has no index math or selects per element.
 template <bool EDGE, typename T, typename Sm, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP, int NA, int NT>
 __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT][4], const unsigned char* sMask,
-                                              const unsigned char* sBias, const float* lse_s, const AttnParams& a,
+                                              const unsigned char* sBias, const float* stats, const AttnParams& a,
                                               int key0, int row0, int n0, int m0) {
   typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
   typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
@@ -174,7 +174,7 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
         keep = keep && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
       }
       // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
-      const float pv = fminf(fast_exp2(x - lse_s[r]), 1.f);
+      const float pv = fminf(fast_exp2(x - stats[2 * r]), 1.f);
       s[nt][e] = keep ? pv : 0.f;
     }
 }
@@ -221,21 +221,24 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   auto sdO = [&](int bi) { return reinterpret_cast<u16*>(smem + Sm::kDo + bi * Mma::tile_bytes(BM)); };
   auto sMask = [&](int bi) { return smem + Sm::kMask + bi * Sm::kMaskTile; };
   auto sBias = [&](int bi) { return smem + Sm::kBias + bi * Sm::kBiasTile; };
-  auto sLse = [&](int bi) { return reinterpret_cast<float*>(smem + Sm::kLse) + bi * BM; };
-  auto sDelta = [&](int bi) { return reinterpret_cast<float*>(smem + Sm::kDelta) + bi * BM; };
+  auto sStats = [&](int bi) { return reinterpret_cast<float*>(smem + Sm::kStats) + bi * 2 * BM; };
 
   // The mask differs between the heads of the group only when it has one head per query head.
   const bool mask_per_head = MASK_BYTES > 0 && G > 1 && a.mask_head_div == 1 && a.mask_stride[1] != 0;
   const int mask_slots = mask_per_head ? G : 1;
 
-  // Batch b's q, dout, mask, bias: kept in shared memory, where the loop reads them after each
-  // barrier, rather than in 8 of the 255 registers through the whole loop.
+  // Batch b's q, dout, mask, bias and the query head -> mask head, bias head divisions: kept in
+  // shared memory, where the step's copies read them after its barrier, rather than in 14 of the
+  // 255 registers through the whole loop.
   const unsigned char** s_batch = reinterpret_cast<const unsigned char**>(smem + Sm::kScalars);
+  FastDivmod* s_head_div = reinterpret_cast<FastDivmod*>(smem + Sm::kScalars + 4 * sizeof(void*));
   if (threadIdx.x == 0) {
     s_batch[0] = static_cast<const unsigned char*>(a.q) + b * a.q_stride[0] * 2;
     s_batch[1] = static_cast<const unsigned char*>(p.dout) + b * p.do_stride[0] * 2;
     s_batch[2] = static_cast<const unsigned char*>(a.mask) + b * a.mask_stride[0] * MASK_BYTES;
     s_batch[3] = static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES;
+    s_head_div[0] = FastDivmod(a.mask_head_div);
+    s_head_div[1] = FastDivmod(a.bias_head_div);
   }
   __syncthreads();
 
@@ -312,18 +315,17 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
         sdO(bi), dout + static_cast<i64>(m0) * p.do_stride[1] + do_head_off, p.do_stride[1], Sq - m0, a.head_dim);
     if constexpr (MASK_BYTES > 0)
       load_aux_tile<MASK_BYTES, BN, NT, Mma::kSwizzledAux>(
-          sMask(bi), s_batch[2] + (h / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM, n0,
+          sMask(bi), s_batch[2] + s_head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM, n0,
           Sq, Sk, a.mask_vec);
     if constexpr (BIAS_BYTES > 0)
       load_aux_tile<BIAS_BYTES, BN, NT, Mma::kSwizzledAux>(
-          sBias(bi), s_batch[3] + (h / a.bias_head_div) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM, n0,
+          sBias(bi), s_batch[3] + s_head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM, n0,
           Sq, Sk, a.bias_vec);
-    const i64 bh_row = (static_cast<i64>(b) * a.heads + h) * Sq;
-    for (int i = threadIdx.x; i < BM; i += NT) {
-      const int row = m0 + i;
-      const float l = row < Sq ? p.lse[bh_row + row] : neg_inf();
-      sLse(bi)[i] = l == neg_inf() ? __int_as_float(0x7f800000) : l * kLog2e;  // 2^(s2 - inf) = 0
-      sDelta(bi)[i] = row < Sq ? p.delta[bh_row + row] : 0.f;
+    // {lse2, D} of each row (rows past Sq: zeros, with zero dO, so dS = 0 there)
+    if (threadIdx.x < BM) {
+      const int row = m0 + threadIdx.x;
+      const float* src = p.row_stats + ((static_cast<i64>(b) * a.heads + h) * Sq + row) * 2;
+      cp_async_8(smem_u32(sStats(bi) + 2 * threadIdx.x), row < Sq ? src : p.row_stats, row < Sq);
     }
   };
 
@@ -363,8 +365,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     cp_async_commit();
     const u16* q_s = sQ(buf);
     const u16* do_s = sdO(buf);
-    const float* lse_s = sLse(buf);
-    const float* delta_s = sDelta(buf);
+    const float* stats = sStats(buf);  // row r: {lse2, D} at 2r, 2r + 1
 
     // S^T = K Q^T, dP^T = V dO^T (keys x rows)
     float s[NA][4], dp[NA][4];
@@ -374,10 +375,10 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     [[maybe_unused]] float th[SOFTCAP ? NA : 1][4];  // softcap: tanh of each score, for its derivative
     Mma::wait_s(s);
     if (n0 + BN > Sk || (CAUSAL && n0 + BN - 1 > m0 + Sk - Sq))
-      probabilities<true, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), lse_s, a,
+      probabilities<true, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), stats, a,
                                                                           key_w + g, 2 * tq, n0, m0);
     else
-      probabilities<false, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), lse_s, a,
+      probabilities<false, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), stats, a,
                                                                            key_w + g, 2 * tq, n0, m0);
 
     // dS = P (dP - D) [* (1 - tanh^2)] ; dbias += dS (fp32) ; P^T, dS^T packed (bwd_mma.cuh)
@@ -391,7 +392,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
       for (int e = 0; e < 4; ++e) {
         const int col = key_w + g + (e >= 2 ? 8 : 0);
         const int r = nt * 8 + 2 * tq + (e & 1);
-        ds[e] = s[nt][e] * (dp[nt][e] - delta_s[r]);
+        ds[e] = s[nt][e] * (dp[nt][e] - stats[2 * r + 1]);
         if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
         // dbias, dS summed over the group's heads: each element belongs to one lane, no race
         if (do_dbias && !rows_reduced) sDb[r * DBST + col] += ds[e];
@@ -506,7 +507,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // ---- several chunks: this chunk's fp32 dK, dV to its slot (each thread its own fragments,
   // float4 i at [i * NT + thread]); the last chunk to finish sums the slots in chunk order.
   if (n_chunks > 1) {
-    int& is_last = *reinterpret_cast<int*>(smem + Sm::kScalars + 4 * sizeof(void*));
+    int& is_last = *reinterpret_cast<int*>(s_head_div + 2);
     const i64 tile = (static_cast<i64>(part) * gridDim.x + blockIdx.x) * gridDim.z + n_tile;
     const int max_chunks = gridDim.y / Tr::kDSplit;
     float4* slots = reinterpret_cast<float4*>(p.dkv_partial) + tile * max_chunks * (2 * OA * NT);
@@ -574,7 +575,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   }
 }
 
-// D = rowsum(dO * O) in fp32, and zeroes the row of dq_accum; one warp per (batch, head, row).
+// Row stats {lse2 = lse * log2(e) (+inf where lse = -inf: 2^(s2 - inf) = 0), D = rowsum(dO * O)} in
+// fp32, and zeroes the row of dq_accum; one warp per (batch, head, row).
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
   const AttnParams& a = p.a;
@@ -592,7 +594,11 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) p.delta[row] = sum;
+  if (lane == 0) {
+    const float lse = p.lse[row];
+    *reinterpret_cast<float2*>(p.row_stats + 2 * row) =
+        make_float2(lse == neg_inf() ? __int_as_float(0x7f800000) : lse * kLog2e, sum);
+  }
   float* dqa = p.dq_accum + row * a.head_dim;
   for (int d = lane; d < a.head_dim; d += 32) dqa[d] = 0.f;
 }

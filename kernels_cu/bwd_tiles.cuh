@@ -52,7 +52,7 @@ struct BwdTraits {
   static constexpr int kDqAtoms = kDqCols / 8;
   static_assert(HEAD_DIM % 16 == 0 && kDOut % 16 == 0, "whole k16 steps and 16-column pairs");
   static_assert(kDqWarpsM <= kWarps && kDqCols % 16 == 0, "dQ warp tiling");
-  static_assert(kBlockM <= kThreads, "one lse/delta load per thread");
+  static_assert(kBlockM <= kThreads, "one row-stats copy per thread");
   static_assert(!WGMMA || ((HEAD_DIM == 64 || HEAD_DIM == 128) && kDqWarps == kWarps),
                 "wgmma backward: D = 64 or 128, every warp in the dQ product");
 };
@@ -62,9 +62,10 @@ struct BwdTraits {
 // of these sizes is a multiple of 1024 there); two pipeline buffers of what changes per step.
 //   sK, sV      kBlockN-row tiles, loaded once         sdS   dS^T, kBlockN keys x kBlockM rows
 //   sQ[2], sdO[2]  kBlockM-row tiles                   sMask[2], sBias[2]  kBlockM x AuxRows
-//   sLse[2], sDelta[2]  kBlockM floats (lse pre-multiplied by log2 e, -inf -> +inf)
-//   scalars     batch b's q, dout, mask, bias pointers (re-read after each barrier so that they do
-//               not hold 8 registers through the loop) and the last-chunk flag
+//   sStats[2]   kBlockM x {lse2, D} (bwd_preprocess_kernel's row stats)
+//   scalars     batch b's q, dout, mask, bias pointers and the query head -> mask/bias head divisions
+//               (re-read after each barrier so that they do not hold 14 registers through the
+//               loop), and the last-chunk flag
 //   then, sized at run time: sDb (with a bias: kBlockM x kDbStride floats, dS summed over the
 //   heads that share a dbias head) or sColSum (row-broadcast bias: group x kBlockN floats), and
 //   sBits (with a mask: group x m_tiles bits).
@@ -82,10 +83,9 @@ struct BwdSmem {
   static constexpr int kDo = kQ + 2 * Mma::tile_bytes(BM);
   static constexpr int kMask = kDo + 2 * Mma::tile_bytes(BM);
   static constexpr int kBias = kMask + 2 * kMaskTile;
-  static constexpr int kLse = kBias + 2 * kBiasTile;
-  static constexpr int kDelta = kLse + 2 * BM * 4;
-  static constexpr int kScalars = kDelta + 2 * BM * 4;
-  static constexpr int kScalarBytes = 48;
+  static constexpr int kStats = kBias + 2 * kBiasTile;
+  static constexpr int kScalars = kStats + 2 * BM * 8;
+  static constexpr int kScalarBytes = 80;
   static constexpr int kFixed = kScalars + kScalarBytes;  // then sDb / sColSum, sBits
 };
 

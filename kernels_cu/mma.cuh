@@ -53,6 +53,12 @@ __device__ __forceinline__ void cp_async_16(u32 smem_addr, const void* gmem, boo
                :: "r"(smem_addr), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
+// 8-byte copy through L1 (cp.async.cg takes 16 bytes only); zero-fills when !valid.
+__device__ __forceinline__ void cp_async_8(u32 smem_addr, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
+               :: "r"(smem_addr), "l"(gmem), "r"(valid ? 8 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

@@ -59,7 +59,8 @@ struct BwdParams {
   i64 o_stride[3];
   i64 do_stride[3];
   const float* lse;        // (B, H, Sq)
-  float* delta;            // (B, H, Sq): rowsum(dO * O), computed by bwd_preprocess
+  float* row_stats;        // (B, H, Sq, 2): {lse * log2(e) (+inf for an empty row), rowsum(dO * O)},
+                           // written by bwd_preprocess_kernel
   float* dq_accum;         // (B, Sq, H, D_TILE) fp32
   void* dq;                // (B, Sq, H, D) contiguous, input dtype
   void* dk;                // (B, Sk, Hk, D) contiguous

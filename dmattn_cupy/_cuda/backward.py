@@ -1,7 +1,7 @@
 """Backward launcher: dq, dk, dv (and dbias) from dout and the forward's out, lse.
 
 Three launches on CuPy's current stream (kernels_cu/bwd.cu):
-  bwd_preprocess_kernel  D = rowsum(dO * O), dq_accum = 0
+  bwd_preprocess_kernel  row stats {lse * log2 e, D = rowsum(dO * O)}, dq_accum = 0
   bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
                          (Hopper, tile head dims 64 and 128: warpgroup products, built for sm_90a)
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
@@ -67,7 +67,7 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
                      dbias_sharers=db_sharers, causal=problem.causal, sm_count=sm_count,
                      wgmma=use_wgmma(capability, D, device.mma_choice()))
     tiles = cfg.tiles
-    delta = cupy.empty((B, H, Sq), dtype=numpy.float32)
+    row_stats = cupy.empty((B, H, Sq, 2), dtype=numpy.float32)  # {lse2, D}: bwd_preprocess_kernel
     dq_accum = cupy.empty((B, H, Sq, D), dtype=numpy.float32)  # zeroed by bwd_preprocess_kernel
     dq = cupy.empty((B, Sq, H, D), dtype=q.dtype)
     dk = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
@@ -86,7 +86,7 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     rec["out"], rec["dout"] = out.data.ptr, dout.data.ptr
     rec["o_stride"] = element_strides(out)[:3]
     rec["do_stride"] = element_strides(dout)[:3]
-    rec["lse"], rec["delta"], rec["dq_accum"] = lse.data.ptr, delta.data.ptr, dq_accum.data.ptr
+    rec["lse"], rec["row_stats"], rec["dq_accum"] = lse.data.ptr, row_stats.data.ptr, dq_accum.data.ptr
     rec["dq"], rec["dk"], rec["dv"] = dq.data.ptr, dk.data.ptr, dv.data.ptr
     if bias is not None:
         target = dbias_accum if db_atomic else dbias

@@ -42,7 +42,7 @@ BWD_PARAMS = numpy.dtype(
     [
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("dout", _PTR), ("o_stride", _I64, (3,)), ("do_stride", _I64, (3,)),
-        ("lse", _PTR), ("delta", _PTR), ("dq_accum", _PTR),
+        ("lse", _PTR), ("row_stats", _PTR), ("dq_accum", _PTR),
         ("dq", _PTR), ("dk", _PTR), ("dv", _PTR), ("dbias", _PTR), ("dbias_accum", _PTR),
         ("dbias_stride", _I64, (4,)),
         ("dbias_rows_reduced", _I32), ("dbias_head_div", _I32),
