@@ -125,6 +125,38 @@ __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 
   }
 }
 
+// dS = P (dP - D) [* (1 - tanh^2)] and its dbias share, P^T and dS^T packed (bwd_mma.cuh), for this
+// lane's elements (keys key0, key0 + 8; rows row0, row0 + 1 of each 8-row column tile). DBIAS:
+//   kNoDbias       nothing (no bias, or another head-dim part writes it)
+//   kDbiasTile     sDb[row][key] += dS (summed over the heads that share a dbias head; each
+//                  element belongs to one lane: no race)
+//   kDbiasColumns  col0, col1 += dS over this lane's rows (keys key0, key0 + 8; a row-broadcast bias)
+enum { kNoDbias, kDbiasTile, kDbiasColumns };
+template <int DBIAS, typename T, bool SOFTCAP, int DBST, int NA, int NT>
+__device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (&dp)[NA][4], const float (&th)[NT][4],
+                                          const float* stats, float* sDb, int key0, int row0, u32 (&p_t)[NA][2],
+                                          u32 (&ds_t)[NA][2], float& col0, float& col1) {
+#pragma unroll
+  for (int nt = 0; nt < NA; ++nt) {
+    float ds[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = nt * 8 + row0 + (e & 1);
+      ds[e] = s[nt][e] * (dp[nt][e] - stats[2 * r + 1]);
+      if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
+      if constexpr (DBIAS == kDbiasTile) sDb[r * DBST + key0 + (e >= 2 ? 8 : 0)] += ds[e];
+    }
+    if constexpr (DBIAS == kDbiasColumns) {
+      col0 += ds[0] + ds[1];
+      col1 += ds[2] + ds[3];
+    }
+    p_t[nt][0] = T::pack(s[nt][0], s[nt][1]);
+    p_t[nt][1] = T::pack(s[nt][2], s[nt][3]);
+    ds_t[nt][0] = T::pack(ds[0], ds[1]);
+    ds_t[nt][1] = T::pack(ds[2], ds[3]);
+  }
+}
+
 // P^T = 2^(s2 - lse2) in place of S^T for one step: s2 = log2(e) * mask(softcap(scale * s + bias)),
 // hidden positions 0. This lane holds keys key0, key0 + 8 of the tile and rows row0, row0 + 1 of
 // each 8-row column tile (bwd_mma.cuh). Only the last key tile and tiles on the causal diagonal
@@ -158,12 +190,13 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
         bval = fmaxf(bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(
                          sBias + bias_off[hk][j] + nt * 8 * Sm::BiasRows::kRowBytes)),
                      kBiasFloor);
-      float x = s[nt][e];
+      // x = s2 - lse2, the exponent of P
+      float x;
       if constexpr (SOFTCAP) {
-        th[nt][e] = fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap));
-        x = cap_log2 * th[nt][e];
+        th[nt][e] = fast_tanh(fmaf(s[nt][e], scale_over_cap, bval * inv_cap));
+        x = fmaf(cap_log2, th[nt][e], -stats[2 * r]);
       } else {
-        x = fmaf(x, a.scale_log2, bval * kLog2e);
+        x = fmaf(s[nt][e], a.scale_log2, fmaf(bval, kLog2e, -stats[2 * r]));
       }
       bool keep = true;
       if constexpr (MASK_BYTES > 0)
@@ -174,7 +207,7 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
         keep = keep && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);
       }
       // P <= 1 (a probability): guards rounding of huge-negative (min-value) bias scores
-      const float pv = fminf(fast_exp2(x - stats[2 * r]), 1.f);
+      const float pv = fminf(fast_exp2(x), 1.f);
       s[nt][e] = keep ? pv : 0.f;
     }
 }
@@ -273,7 +306,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     return p.turns + ((((static_cast<i64>(part) * a.batch + b) * a.heads + h) * m_tiles + m) * Tr::kDqWarps + wt) *
                          dq_words;
   };
-  const bool do_dbias = BIAS_BYTES > 0 && part == 0;  // one head-dim part writes dbias
+  const bool do_dbias = BIAS_BYTES > 0 && (Tr::kDSplit == 1 || part == 0);  // one head-dim part writes dbias
   const bool db_atomic = p.dbias_accum != nullptr;
   // dbias rows start on 16-byte boundaries: 8-key groups are written whole (flush_dbias)
   const bool db_vec = ((p.dbias_stride[0] | p.dbias_stride[1] | p.dbias_stride[2]) & 7) == 0;
@@ -385,25 +418,12 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     Mma::wait_dp(dp);
     u32 p_t[NA][2], ds_t[NA][2];
     float col0 = 0.f, col1 = 0.f;  // row-broadcast bias: this lane's dS summed over its rows
-#pragma unroll
-    for (int nt = 0; nt < NA; ++nt) {
-      float ds[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = key_w + g + (e >= 2 ? 8 : 0);
-        const int r = nt * 8 + 2 * tq + (e & 1);
-        ds[e] = s[nt][e] * (dp[nt][e] - stats[2 * r + 1]);
-        if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
-        // dbias, dS summed over the group's heads: each element belongs to one lane, no race
-        if (do_dbias && !rows_reduced) sDb[r * DBST + col] += ds[e];
-      }
-      col0 += ds[0] + ds[1];
-      col1 += ds[2] + ds[3];
-      p_t[nt][0] = T::pack(s[nt][0], s[nt][1]);
-      p_t[nt][1] = T::pack(s[nt][2], s[nt][3]);
-      ds_t[nt][0] = T::pack(ds[0], ds[1]);
-      ds_t[nt][1] = T::pack(ds[2], ds[3]);
-    }
+    if (BIAS_BYTES == 0 || !do_dbias)
+      gradients<kNoDbias, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
+    else if (rows_reduced)
+      gradients<kDbiasColumns, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
+    else
+      gradients<kDbiasTile, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
 
     // dV += P^T dO ; dK += dS^T Q (P^T, dS^T from registers as A operands) ; dS^T for dQ
     Mma::dkdv_issue(acc_dk, acc_dv, p_t, ds_t, q_s, do_s, d0, lane);

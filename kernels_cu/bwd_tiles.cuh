@@ -127,9 +127,14 @@ __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_st
   const int row_begin = m_lo * BLOCK_M;
   const int rows = row_bcast ? 1 : min(seqlen_q, m_hi * BLOCK_M) - row_begin;
   if (rows <= 0) return;
+  // Rows are visited tile-interleaved (row i of every tile, then row i + 1, ...): on a dense mask
+  // the first pass marks most tiles and the later rows of a marked tile skip their loads.
+  const int tiles = row_bcast ? 1 : (rows + BLOCK_M - 1) / BLOCK_M, span = row_bcast ? 1 : tiles * BLOCK_M;
 #pragma unroll 1
-  for (int item = threadIdx.x; item < slots * rows; item += THREADS) {
-    const int slot = item / rows, r = item % rows;
+  for (int item = threadIdx.x; item < slots * span; item += THREADS) {
+    const int slot = item / span, i = item % span;
+    const int r = (i % tiles) * BLOCK_M + i / tiles;
+    if (r >= rows) continue;
     const int row = row_bcast ? 0 : row_begin + r;
     const int bit = slot * m_tiles + row / BLOCK_M;
     if (!row_bcast && (bits[bit >> 5] & (1u << (bit & 31)))) continue;  // already active
