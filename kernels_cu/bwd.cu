@@ -260,9 +260,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   const bool mask_per_head = MASK_BYTES > 0 && G > 1 && a.mask_head_div == 1 && a.mask_stride[1] != 0;
   const int mask_slots = mask_per_head ? G : 1;
 
-  // Batch b's q, dout, mask, bias and the query head -> mask head, bias head divisions: kept in
-  // shared memory, where the step's copies read them after its barrier, rather than in 14 of the
-  // 255 registers through the whole loop.
+  // Batch b's q, dout, mask, bias and the query head -> mask, bias, dbias head divisions: kept in
+  // shared memory, where the step reads them after its barrier, rather than in 17 of the 255
+  // registers through the whole loop.
   const unsigned char** s_batch = reinterpret_cast<const unsigned char**>(smem + Sm::kScalars);
   FastDivmod* s_head_div = reinterpret_cast<FastDivmod*>(smem + Sm::kScalars + 4 * sizeof(void*));
   if (threadIdx.x == 0) {
@@ -272,6 +272,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     s_batch[3] = static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES;
     s_head_div[0] = FastDivmod(a.mask_head_div);
     s_head_div[1] = FastDivmod(a.bias_head_div);
+    s_head_div[2] = FastDivmod(p.dbias_head_div);
   }
   __syncthreads();
 
@@ -340,20 +341,29 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const int m = by_group.div(pr), m0 = m * BM, h = h_first + pr - m * G;
     const u16* q = reinterpret_cast<const u16*>(s_batch[0]);
     const u16* dout = reinterpret_cast<const u16*>(s_batch[1]);
-    const i64 head_off = static_cast<i64>(h) * a.q_stride[2];
-    load_strided_rows<HEAD_DIM, BM, NT, typename Mma::template Layout<BM>>(
-        sQ(bi), q + static_cast<i64>(m0) * a.q_stride[1] + head_off, a.q_stride[1], Sq - m0, a.head_dim);
-    const i64 do_head_off = static_cast<i64>(h) * p.do_stride[2];
-    load_strided_rows<HEAD_DIM, BM, NT, typename Mma::template Layout<BM>>(
-        sdO(bi), dout + static_cast<i64>(m0) * p.do_stride[1] + do_head_off, p.do_stride[1], Sq - m0, a.head_dim);
+    // 8 warps: the first half of the CTA copies Q and the mask, the second dO and the bias (each
+    // thread sets up two copies, not four)
+    constexpr int CT = NT == 256 ? NT / 2 : NT;  // copying threads per tile
+    const int tid = threadIdx.x % CT;
+    const bool first = NT != 256 || threadIdx.x < CT, second = NT != 256 || threadIdx.x >= CT;
+    if (first)
+      load_strided_rows<HEAD_DIM, BM, CT, typename Mma::template Layout<BM>>(
+          sQ(bi), q + static_cast<i64>(m0) * a.q_stride[1] + static_cast<i64>(h) * a.q_stride[2], a.q_stride[1],
+          Sq - m0, a.head_dim, tid);
+    if (second)
+      load_strided_rows<HEAD_DIM, BM, CT, typename Mma::template Layout<BM>>(
+          sdO(bi), dout + static_cast<i64>(m0) * p.do_stride[1] + static_cast<i64>(h) * p.do_stride[2],
+          p.do_stride[1], Sq - m0, a.head_dim, tid);
     if constexpr (MASK_BYTES > 0)
-      load_aux_tile<MASK_BYTES, BN, NT, Mma::kSwizzledAux>(
-          sMask(bi), s_batch[2] + s_head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM, n0,
-          Sq, Sk, a.mask_vec);
+      if (first)
+        load_aux_tile<MASK_BYTES, BN, CT, Mma::kSwizzledAux>(
+            sMask(bi), s_batch[2] + s_head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM,
+            n0, Sq, Sk, a.mask_vec, tid);
     if constexpr (BIAS_BYTES > 0)
-      load_aux_tile<BIAS_BYTES, BN, NT, Mma::kSwizzledAux>(
-          sBias(bi), s_batch[3] + s_head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM, n0,
-          Sq, Sk, a.bias_vec);
+      if (second)
+        load_aux_tile<BIAS_BYTES, BN, CT, Mma::kSwizzledAux>(
+            sBias(bi), s_batch[3] + s_head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM,
+            n0, Sq, Sk, a.bias_vec, tid);
     // {lse2, D} of each row (rows past Sq: zeros, with zero dO, so dS = 0 there)
     if (threadIdx.x < BM) {
       const int row = m0 + threadIdx.x;
@@ -464,17 +474,16 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
         if (lane == 0) turn_wait(turns, n_tile);
         __syncwarp();
       }
-      float* dqa = p.dq_accum + ((static_cast<i64>(b) * a.heads + h) * Sq) * a.head_dim;
+      // this lane's first element: row0, column c0 + 2 tq; the others are constant offsets from it
+      const int row0 = m0 + wm * 16 + g, d_left = a.head_dim - c0 - 2 * tq;
+      float* dqa = p.dq_accum + ((static_cast<i64>(b) * a.heads + h) * Sq + row0) * a.head_dim + c0 + 2 * tq;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int row = m0 + wm * 16 + g + 8 * hh;
-        if (row >= Sq) continue;
+        if (row0 + 8 * hh >= Sq) continue;
 #pragma unroll
-        for (int o = 0; o < QA; ++o) {
-          const int d = c0 + o * 8 + 2 * tq;
-          if (d < a.head_dim)
-            red_add_f32x2(dqa + static_cast<i64>(row) * a.head_dim + d, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1]);
-        }
+        for (int o = 0; o < QA; ++o)
+          if (o * 8 < d_left) red_add_f32x2(dqa + o * 8, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1]);
+        dqa += 8 * a.head_dim;
       }
       if (det) {
         __threadfence();  // each lane publishes its own adds
@@ -486,7 +495,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     // dbias tile from sDb (complete after (B)): write in the bias dtype, or fp32 add (shared cells);
     // sDb is zeroed for the next query tile (whose adds start after the next (A)).
     if (flush_db) {
-      const int head = h / p.dbias_head_div;
+      const int head = s_head_div[2].div(h);
       const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
       flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, base, m0, n0, db_atomic, db_vec);
     }
@@ -527,7 +536,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // ---- several chunks: this chunk's fp32 dK, dV to its slot (each thread its own fragments,
   // float4 i at [i * NT + thread]); the last chunk to finish sums the slots in chunk order.
   if (n_chunks > 1) {
-    int& is_last = *reinterpret_cast<int*>(s_head_div + 2);
+    int& is_last = *reinterpret_cast<int*>(s_head_div + 3);
     const i64 tile = (static_cast<i64>(part) * gridDim.x + blockIdx.x) * gridDim.z + n_tile;
     const int max_chunks = gridDim.y / Tr::kDSplit;
     float4* slots = reinterpret_cast<float4*>(p.dkv_partial) + tile * max_chunks * (2 * OA * NT);

@@ -63,9 +63,9 @@ struct BwdTraits {
 //   sK, sV      kBlockN-row tiles, loaded once         sdS   dS^T, kBlockN keys x kBlockM rows
 //   sQ[2], sdO[2]  kBlockM-row tiles                   sMask[2], sBias[2]  kBlockM x AuxRows
 //   sStats[2]   kBlockM x {lse2, D} (bwd_preprocess_kernel's row stats)
-//   scalars     batch b's q, dout, mask, bias pointers and the query head -> mask/bias head divisions
-//               (re-read after each barrier so that they do not hold 14 registers through the
-//               loop), and the last-chunk flag
+//   scalars     batch b's q, dout, mask, bias pointers and the query head -> mask/bias/dbias head
+//               divisions (re-read after each barrier so that they do not hold 17 registers
+//               through the loop), and the last-chunk flag
 //   then, sized at run time: sDb (with a bias: kBlockM x kDbStride floats, dS summed over the
 //   heads that share a dbias head) or sColSum (row-broadcast bias: group x kBlockN floats), and
 //   sBits (with a mask: group x m_tiles bits).

@@ -24,15 +24,19 @@ struct Swizzled128 {
   }
 };
 
+// The copies below are made by THREADS threads, numbered `tid` (a CTA may give different tiles to
+// different groups of its threads).
+//
 // Loads ROWS rows of HEAD_DIM elements into shared memory (Layout). row_ptr(r) gives row r's
 // global address, or nullptr for a row outside the problem; such rows and columns >= head_dim are
 // zero-filled, so they add nothing to any product.
 template <int HEAD_DIM, int ROWS, int THREADS, typename Layout, typename RowPtr>
-__device__ __forceinline__ void load_rows(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr) {
+__device__ __forceinline__ void load_rows(u16* smem, int head_dim, const void* any_valid, RowPtr row_ptr,
+                                          int tid = threadIdx.x) {
   constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
   // Not unrolled: unrolling hoists every chunk's address into registers for the whole kernel.
 #pragma unroll 1
-  for (int i = threadIdx.x; i < ROWS * kChunks; i += THREADS) {
+  for (int i = tid; i < ROWS * kChunks; i += THREADS) {
     const int r = i / kChunks, c = i % kChunks;
     const u16* g = row_ptr(r);
     const bool valid = g != nullptr && c * 8 < head_dim;
@@ -47,11 +51,11 @@ __device__ __forceinline__ void load_rows(u16* smem, int head_dim, const void* a
 // add, one compare and one cp.async per 16 bytes, no division.
 template <int HEAD_DIM, int ROWS, int THREADS, typename Layout>
 __device__ __forceinline__ void load_strided_rows(u16* smem, const u16* gmem, i64 row_stride,
-                                                  int valid_rows, int head_dim) {
+                                                  int valid_rows, int head_dim, int tid = threadIdx.x) {
   constexpr int kChunks = HEAD_DIM / 8;
   if constexpr (THREADS % kChunks == 0 && (THREADS / kChunks) % 8 == 0 && ROWS * kChunks % THREADS == 0) {
     constexpr int kRowStep = THREADS / kChunks;
-    const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+    const int c = tid % kChunks, r0 = tid / kChunks;
     const bool col_ok = c * 8 < head_dim;
     const u16* g = gmem + r0 * row_stride + c * 8;
     const u32 s0 = smem_u32(smem + Layout::offset(r0, c));
@@ -64,7 +68,7 @@ __device__ __forceinline__ void load_strided_rows(u16* smem, const u16* gmem, i6
   } else {
     load_rows<HEAD_DIM, ROWS, THREADS, Layout>(smem, head_dim, gmem, [&](int r) -> const u16* {
       return r < valid_rows ? gmem + r * row_stride : nullptr;
-    });
+    }, tid);
   }
 }
 
@@ -101,17 +105,20 @@ struct AuxRows {
 template <int ELEM, int BLOCK_N, int THREADS, bool SWIZZLE = false>
 __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigned char* base,
                                               const i64 (&stride)[4], int row0, int rows,
-                                              int key0, int seqlen_q, int seqlen_k, bool vec) {
+                                              int key0, int seqlen_q, int seqlen_k, bool vec,
+                                              int tid = threadIdx.x) {
   typedef typename Raw<ELEM>::type E;
   typedef AuxRows<ELEM, BLOCK_N, SWIZZLE> Rows;
   constexpr int kPerChunk = 16 / ELEM;
   constexpr int kChunks = BLOCK_N / kPerChunk;
-  // Whole chunks: each thread keeps one chunk column and walks rows kRowStep apart (a multiple of 8:
-  // the swizzle phase stays), one pointer add, one compare and one cp.async per 16 bytes.
-  static_assert(THREADS % kChunks == 0 && (THREADS / kChunks) % 8 == 0, "rows 8k apart per thread");
+  // Whole chunks: each thread keeps one chunk column and walks rows kRowStep apart: one pointer add,
+  // one compare and one cp.async per 16 bytes (and, swizzled with a step that is not a multiple of
+  // 8 rows, the destination's swizzle phase).
+  static_assert(THREADS % kChunks == 0, "whole rows per pass");
   constexpr int kRowStep = THREADS / kChunks;
+  constexpr bool kSamePhase = !SWIZZLE || kRowStep % 8 == 0;
   if (vec) {
-    const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+    const int c = tid % kChunks, r0 = tid / kChunks;
     const int key = key0 + c * kPerChunk;
     const unsigned char* g = base + (static_cast<i64>(row0 + r0) * stride[2] + key) * ELEM;
     const i64 step = static_cast<i64>(kRowStep) * stride[2] * ELEM;
@@ -119,13 +126,13 @@ __device__ __forceinline__ void load_aux_tile(unsigned char* smem, const unsigne
 #pragma unroll 1
     for (int r = r0; r < rows; r += kRowStep) {
       const bool valid = row0 + r < seqlen_q && key < seqlen_k;
-      cp_async_16(dst, valid ? g : base, valid);
+      cp_async_16(kSamePhase ? dst : smem_u32(smem + Rows::chunk_offset(r, c)), valid ? g : base, valid);
       g += step;
       dst += kRowStep * Rows::kRowBytes;
     }
   } else {
 #pragma unroll 1
-    for (int i = threadIdx.x; i < rows * BLOCK_N; i += THREADS) {
+    for (int i = tid; i < rows * BLOCK_N; i += THREADS) {
       const int r = i / BLOCK_N, c = i % BLOCK_N;
       const int row = row0 + r, key = key0 + c;
       E x = 0;
