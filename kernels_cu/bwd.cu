@@ -1,8 +1,9 @@
 // bwd.cu — backward kernels (FA2 style, P recomputed from the saved lse; no online softmax).
 //
 // Per (batch b, query head h), rows i, keys j, in base 2 as the forward (s2 = log2(e) * score):
-//   P_ij  = 2^(s2_ij - lse_i * log2 e)        (hidden or lse_i = -inf: P = 0)
-//   D_i   = sum_d dO_id O_id                  bwd_preprocess_kernel
+//   lse2_i = lse_i * log2 e, D_i = sum_d dO_id O_id   bwd_preprocess_kernel (row stats; lse_i = -inf
+//                                                    gives lse2_i = +inf, so that P = 0)
+//   P_ij  = 2^(s2_ij - lse2_i)                (hidden: P = 0)
 //   dV_j += sum_i P_ij dO_i                   summed over the query heads of the kv group too
 //   dP_ij = dO_i . V_j
 //   dS_ij = P_ij (dP_ij - D_i)                softcap: dS_ij *= 1 - tanh_ij^2
@@ -16,16 +17,18 @@
 // the pairs (query tile m, query head h of the group) of its query range from the last query tile
 // down (m outer, h inner), visiting only the active ones (causal: tiles whose rows all precede the
 // key tile's diagonal are outside the range; mask: a scan of the key tile's column strip sets one
-// bit per (query tile[, head]) that holds a kept key). For each pair (one step):
+// bit per (query tile[, head]) that holds a kept key). For each pair (one step; the products are
+// bwd_mma.cuh's, mma.sync or, on Hopper at D = 64 and 128, warpgroup MMAs):
 //   S^T = K Q^T and dP^T = V dO^T         16 x kBlockM per warp, K/V as A, Q/dO as B operands
-//   P^T, dS^T packed to T in registers    are already A fragments of the next products
-//   dV += P^T dO, dK += dS^T Q            register accumulators
+//   P^T = 2^(s2 - lse2)                   probabilities(): bounds checks only on edge tiles
+//   dS^T, dbias share; P^T, dS^T packed   gradients(): already A fragments of the next products
+//   dV += P^T dO, dK += dS^T Q            register accumulators (wgmma: in flight until dQ's wait)
 //   dS^T -> shared memory (as T)          then dQ = dS K, warps tiled over rows x columns, added
 //                                         to dq_accum from registers (sm_90: red.v2.f32)
 // dbias: dS (fp32) summed in shared memory (sDb) over the heads of the group that share a dbias
-// head, flushed after the query tile's last head; or into per-head column sums (sColSum) when the
-// bias broadcasts over rows; fp32 atomics into dbias_accum when CTAs of several batches / kv heads
-// share a dbias element.
+// head, flushed (flush_dbias: 16-byte stores) after the query tile's last head; or into per-head
+// column sums (sColSum) when the bias broadcasts over rows; fp32 atomics into dbias_accum when CTAs
+// of several batches / kv heads share a dbias element.
 //
 // dQ traffic: each step adds a kBlockM x D fp32 tile, so dq_accum receives (active area) x D / 128
 // adds: 128-key CTAs halve the 64-key count, and sm_90's red.global.add.v2.f32 (one request per
@@ -43,22 +46,11 @@
 // key tiles (causal: the first ones) of every (b, hk) start first, each with all its chunks (so
 // few CTAs of one (b, hk) start at the same query tile: in deterministic mode those queue up).
 //
-// Shared memory (bytes; bwd_config.py mirrors it), D <= 128 (kBlockN 128; kBlockM 64 at D = 64,
-// 32 at D = 128):
-//   buf[2]   per pair, double-buffered: sQ, sdO kBlockM x (D+8) x 2; sMask, sBias kBlockM x
-//            (kBlockN*E + 16); sLse, sDelta kBlockM x 4 (lse pre-multiplied by log2 e, -inf -> +inf)
-//   sK, sV   kBlockN x (D+8) x 2, loaded once
-//   sdS      kBlockN x (kBlockM + 8) x 2 (dS^T, keys x rows)
-//   sDb      with a bias: kBlockM x (kBlockN + 4) x 4, dS of the query tile summed over the heads
-//            that share a dbias head (each lane adds its own elements; flushed coalesced after (B));
-//            or, with a row-broadcast bias, sColSum group x kBlockN x 4: column sums per head slot
-//   sBits    group x m_tiles bits (only with a mask)
-//   bool mask + bf16 bias, buf[2] + sK, sV + sdS + sDb:
-//     D = 64:  2 x 45,568 + 36,864 + 18,432 + 33,792 = 180,224 + sBits
-//     D = 128: 2 x 30,976 + 69,632 + 10,240 + 16,896 = 158,720 + sBits
-//   (64 rows at D = 128 would need 245,760: more than the 227 KiB a CTA may use.)
-//   s_batch  (static) batch b's q, dout, mask, bias pointers, re-read after each barrier so that
-//            they do not hold 8 registers through the loop (D = 128 runs at the 255 cap)
+// Shared memory: BwdSmem (bwd_tiles.cuh; bwd_config.py mirrors it). Bool mask + bf16 bias, with the
+// mask bits: D = 64 (mma.sync or wgmma, 64 rows) 180 / 166 KB; D = 128: mma.sync 32 rows 159 KB,
+// wgmma 64 rows 231.6 KB (unpadded swizzled tiles; padded rows would need 245 KB).
+// Copies per step: the first half of the CTA copies Q and the mask, the second dO and the bias,
+// 64 threads the row stats (cp.async, double-buffered: the next pair's during this one).
 // Barriers per pair: (A) the pair's buffer has landed and every warp is done with the previous pair
 // (its buffer, sdS and sDb may be overwritten: the next pair's copies start here); (B) sdS and sDb
 // are complete. Deterministic mode with a shared dbias adds one after a query tile's dbias flush.

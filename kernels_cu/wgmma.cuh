@@ -1,6 +1,7 @@
 // wgmma.cuh — Hopper warpgroup MMA (sm_90a): shared-memory matrix descriptors and the
-// m64nNk16 instructions the forward kernel uses. A warpgroup is 4 consecutive warps; warp w owns
-// rows 16w..16w+15 of the 64-row tile, and each accumulator holds, per 8-column chunk j,
+// m64nNk16 instructions the forward and backward kernels use. A warpgroup is 4 consecutive
+// warps; warp w owns rows 16w..16w+15 of the 64-row tile, and each accumulator holds, per 8-column
+// chunk j,
 // {(g, 8j+2t), (g, 8j+2t+1), (g+8, 8j+2t), (g+8, 8j+2t+1)} — mma.sync's C layout — so the S
 // accumulator packs into the A registers of the next product exactly as with mma.sync.
 //
@@ -9,8 +10,9 @@
 // boundaries (the hardware applies the XOR to address bits 4-6 from bits 7-9).
 //   K-major operand (Q as A, K as B of S = Q K^T): LBO unused, SBO = 1024 B (8 rows); the k-step
 //   of 16 elements is a 32-byte advance inside the slab, the next slab after 4 steps.
-//   MN-major operand (V as B of O = P V, transposed): 64 d-columns per slab contiguous, LBO = the
-//   slab stride (next 64 columns), SBO = 1024 B (next 8 keys); 16 keys = a 2048-byte advance.
+//   MN-major operand (V as B of O = P V, transposed; the backward's dS^T and K as A and B of dQ =
+//   dS K): 64 M/N-columns per slab contiguous, LBO = the slab stride (next 64 columns), SBO =
+//   1024 B (next 8 keys); 16 keys = a 2048-byte advance.
 #pragma once
 #include "mma.cuh"
 
