@@ -130,35 +130,58 @@ __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_st
   // Rows are visited tile-interleaved (row i of every tile, then row i + 1, ...): on a dense mask
   // the first pass marks most tiles and the later rows of a marked tile skip their loads.
   const int tiles = row_bcast ? 1 : (rows + BLOCK_M - 1) / BLOCK_M, span = row_bcast ? 1 : tiles * BLOCK_M;
+  // kBatch rows per thread and pass, their loads issued together (the scan is latency-bound).
+  constexpr int kBatch = 2;
+  const int items = slots * span;
 #pragma unroll 1
-  for (int item = threadIdx.x; item < slots * span; item += THREADS) {
-    const int slot = item / span, i = item % span;
-    const int r = (i % tiles) * BLOCK_M + i / tiles;
-    if (r >= rows) continue;
-    const int row = row_bcast ? 0 : row_begin + r;
-    const int bit = slot * m_tiles + row / BLOCK_M;
-    if (!row_bcast && (bits[bit >> 5] & (1u << (bit & 31)))) continue;  // already active
-    // A broadcast row is read without the causal limit (the caller bounds the tiles causally).
-    const int key_end = CAUSAL && !row_bcast ? min(seqlen_k, row + seqlen_k - seqlen_q + 1) : seqlen_k;
-    if (key_end <= key0) continue;
-    const unsigned char* g = base + slot * slot_stride + static_cast<i64>(row) * stride[2] * ELEM;
-    bool keep = false;
-    if (vec) {
+  for (int first = threadIdx.x; first < items; first += kBatch * THREADS) {
+    const unsigned char* g[kBatch];
+    int bit[kBatch], key_end[kBatch];
+    bool need[kBatch], keep[kBatch];
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int key = key0 + c * kPerChunk;
-        if (key < key_end)
-          keep |= chunk_any_keep<ELEM>(*reinterpret_cast<const uint4*>(g + static_cast<i64>(key) * ELEM));
-      }
-    } else {
-      for (int c = 0; c < BLOCK_N && key0 + c < key_end; ++c)
-        keep |= mask_keep(reinterpret_cast<const E*>(g)[static_cast<i64>(key0 + c) * stride[3]]);
+    for (int u = 0; u < kBatch; ++u) {
+      const int item = first + u * THREADS;
+      const int slot = item / span, i = item % span;
+      const int r = (i % tiles) * BLOCK_M + i / tiles;
+      const int row = row_bcast ? 0 : row_begin + r;
+      bit[u] = slot * m_tiles + row / BLOCK_M;
+      // A broadcast row is read without the causal limit (the caller bounds the tiles causally).
+      key_end[u] = CAUSAL && !row_bcast ? min(seqlen_k, row + seqlen_k - seqlen_q + 1) : seqlen_k;
+      need[u] = item < items && r < rows && key_end[u] > key0 &&
+                (row_bcast || !(bits[bit[u] >> 5] & (1u << (bit[u] & 31))));  // not active yet
+      g[u] = base + slot * slot_stride + static_cast<i64>(row) * stride[2] * ELEM;
+      keep[u] = false;
     }
-    if (!keep) continue;
-    if (row_bcast) {
-      for (int m = m_lo; m < m_hi; ++m) atomicOr(&bits[(slot * m_tiles + m) >> 5], 1u << ((slot * m_tiles + m) & 31));
+    if (vec) {
+      uint4 chunk[kBatch][kChunks];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          const int key = key0 + c * kPerChunk;
+          chunk[u][c] = need[u] && key < key_end[u]
+                            ? *reinterpret_cast<const uint4*>(g[u] + static_cast<i64>(key) * ELEM)
+                            : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) keep[u] |= chunk_any_keep<ELEM>(chunk[u][c]);
     } else {
-      atomicOr(&bits[bit >> 5], 1u << (bit & 31));
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        for (int c = 0; need[u] && c < BLOCK_N && key0 + c < key_end[u]; ++c)
+          keep[u] |= mask_keep(reinterpret_cast<const E*>(g[u])[static_cast<i64>(key0 + c) * stride[3]]);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (!keep[u]) continue;
+      if (row_bcast) {
+        for (int m = m_lo; m < m_hi; ++m)  // bit[u] is the slot's bit of query tile 0
+          atomicOr(&bits[(bit[u] + m) >> 5], 1u << ((bit[u] + m) & 31));
+      } else {
+        atomicOr(&bits[bit[u] >> 5], 1u << (bit[u] & 31));
+      }
     }
   }
 }
