@@ -17,8 +17,8 @@ time_vs_dense       sparsity sweep: median at this density / median at density 1
 check_*             correctness check on a small size against float64 (see __main__)
 ==================  ======================================================================
 
-The markdown also lists the project's forward targets (``TARGETS``) with the measured ratio and
-whether each is met.
+The markdown also lists the project's targets (``TARGETS``, ``BWD_TARGETS``) with the measured
+ratio and whether each is met.
 """
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ TARGETS = (
     ("decode_128k", "sdpa_cudnn_bias", 0.5),
 )
 SWEEP_SLACK = 0.1
+# Forward + backward targets (issue 4), the same way; the sweep's slack is BWD_SWEEP_SLACK.
+BWD_TARGETS = (
+    ("seed_16k", "flex", 0.4),
+    ("seed_32k", "flex", 0.35),
+    ("gqa8k_topk", "sdpa_cudnn", 1.0),
+)
+BWD_SWEEP_SLACK = 0.15
+# pass -> (section title, targets, sweep slack)
+TARGET_SETS = {"fwd": ("Forward targets (issue 3, H100)", TARGETS, SWEEP_SLACK),
+               "fwd_bwd": ("Forward + backward targets (issue 4, H100)", BWD_TARGETS, BWD_SWEEP_SLACK)}
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
 REQUIRED_FIELDS = ("config", "impl", "pass", "median_ms", "peak_mem_gib", "gpu", "commit", "date")
 
@@ -172,16 +182,17 @@ def _impls(records):
     return [OURS] * (OURS in present) + [p for p in PEER_NAMES if p in present]
 
 
-def target_rows(records: list[dict]) -> list[tuple[str, str, str, bool | None]]:
-    """(config, target, measured, met) for each forward target whose config ran; met is None
-    when the peer has no time (not run, or failed)."""
+def target_rows(records: list[dict], pass_: str = "fwd") -> list[tuple[str, str, str, bool | None]]:
+    """(config, target, measured, met) for each target of `pass_` (TARGET_SETS) whose config ran;
+    met is None when the peer has no time (not run, or failed)."""
+    _, targets, slack = TARGET_SETS[pass_]
     by_key = {(r["config"], r["impl"], r["pass"]): r for r in records}
     rows = []
-    for config, peer, limit in TARGETS:
-        ours = by_key.get((config, OURS, "fwd"))
+    for config, peer, limit in targets:
+        ours = by_key.get((config, OURS, pass_))
         if ours is None:
             continue
-        other = by_key.get((config, peer, "fwd"))
+        other = by_key.get((config, peer, pass_))
         target = f"≤ {limit:g}× {peer}"
         if not _ok(ours):
             rows.append((config, target, _err_cell(ours), False))
@@ -192,8 +203,8 @@ def target_rows(records: list[dict]) -> list[tuple[str, str, str, bool | None]]:
             rows.append((config, target, f"{value:.2f}× ({_fmt_ms(ours['median_ms'])} / "
                          f"{_fmt_ms(other['median_ms'])} ms)", value <= limit))
     for r in records:
-        if r["impl"] == OURS and r["pass"] == "fwd" and r.get("time_vs_dense") is not None:
-            limit = r["density_target"] + SWEEP_SLACK
+        if r["impl"] == OURS and r["pass"] == pass_ and r.get("time_vs_dense") is not None:
+            limit = r["density_target"] + slack
             rows.append((r["config"], f"time(d) / time(1) ≤ {limit:g}",
                          f"{r['time_vs_dense']:.2f}", r["time_vs_dense"] <= limit))
     return rows
@@ -262,13 +273,13 @@ def markdown(records: list[dict]) -> str:
     if any(i in impls for i in ("sdpa_flash", "sdpa_cudnn")):
         lines += ["¹ causal attention without bias and mask: a different, dense function, shown "
                   "as the speed of plain attention.", ""]
-    rows = target_rows(records)
-    if rows:
-        lines += ["### Forward targets (issue 3, H100)", "",
-                  "| config | target | measured | met |", "|---|---|---|---|"]
-        lines += [f"| {c} | {t} | {m} | {'—' if ok is None else '✓' if ok else '✗'} |"
-                  for c, t, m, ok in rows]
-        lines.append("")
+    for pass_, (title, _, _) in TARGET_SETS.items():
+        rows = target_rows(records, pass_)
+        if rows:
+            lines += [f"### {title}", "", "| config | target | measured | met |", "|---|---|---|---|"]
+            lines += [f"| {c} | {t} | {m} | {'—' if ok is None else '✓' if ok else '✗'} |"
+                      for c, t, m, ok in rows]
+            lines.append("")
     # peak memory
     mem_rows = []
     for p in PASS_TITLES:

@@ -206,6 +206,18 @@ def test_targets_table_reports_each_forward_target():
     assert rows[("gqa8k_dens0.25", "time(d) / time(1) ≤ 0.35")] == ("0.25", True)
     md = report.markdown(recs)
     assert "### Forward targets" in md and "| decode_128k | ≤ 0.5× sdpa_cudnn_bias |" in md
+    # forward + backward targets (issue 4): the same rows from the fwd_bwd records
+    bwd = {(r["config"], r["impl"]): r for r in recs if r["pass"] == "fwd_bwd"}
+    bwd[("gqa8k_topk", "dmattn_cupy")]["median_ms"] = 3.0
+    bwd[("gqa8k_topk", "sdpa_cudnn")]["median_ms"] = 4.0     # 0.75x <= 1.0x: met
+    bwd[("seed_16k", "dmattn_cupy")]["median_ms"] = 2.0
+    bwd[("seed_16k", "flex")]["median_ms"] = 4.0             # 0.5x > 0.4x: not met
+    rows = {(c, t): (m, ok) for c, t, m, ok in report.target_rows(recs, "fwd_bwd")}
+    assert len(rows) == len(report.BWD_TARGETS) + len(C.SWEEP_DENSITIES)
+    assert rows[("gqa8k_topk", "≤ 1× sdpa_cudnn")] == ("0.75× (3.000 / 4.000 ms)", True)
+    assert rows[("seed_16k", "≤ 0.4× flex")][1] is False
+    assert rows[("gqa8k_dens0.25", "time(d) / time(1) ≤ 0.4")] == ("0.25", True)
+    assert "### Forward + backward targets (issue 4, H100)" in report.markdown(recs)
 
 
 def test_validate_record_rejects_missing_fields():
