@@ -420,7 +420,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     Mma::wait_dp(dp);
     u32 p_t[NA][2], ds_t[NA][2];
     float col0 = 0.f, col1 = 0.f;  // row-broadcast bias: this lane's dS summed over its rows
-    if (BIAS_BYTES == 0 || !do_dbias)
+    if (!do_dbias)
       gradients<kNoDbias, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
     else if (rows_reduced)
       gradients<kDbiasColumns, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);

@@ -188,8 +188,8 @@ struct BwdWgmma {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       const u64 da = desc_advance(da0, kk * 16 * 128), db = desc_advance(db0, kk * 16 * 128);
-      if constexpr (QA == 4) wgmma_ss_mn_m64n32k16(d, da, db, kk > 0, T());
-      else wgmma_ss_mn_m64n64k16(d, da, db, kk > 0, T());
+      if constexpr (QA == 4) wgmma_ss_m64n32k16<1>(d, da, db, kk > 0, T());
+      else wgmma_ss_m64n64k16<1>(d, da, db, kk > 0, T());
     }
     wgmma_commit();
     wgmma_wait<0>();

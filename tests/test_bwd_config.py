@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
-import subprocess
 
 import pytest
+from host_program import run_host_program
 
 from dmattn_cupy._cuda.bwd_config import CHUNK_BELOW_WAVES, BwdTiles, bwd_config
-from dmattn_cupy._cuda.compile import kernels_dir
 from dmattn_cupy._cuda.config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS
 
 MASK_BYTES = (0, 1, 2, 4)
@@ -42,13 +41,7 @@ def test_tiles_match_the_header(tmp_path):
         lines.append(
             f'  printf("{d} {mb} {bb} {int(w)} %d %d %d %d %d %d %d\\n", {tr}::kBlockM, {tr}::kBlockN, '
             f"{tr}::kWarps, {tr}::kDSplit, {tr}::kMinBlocks, {tr}::kDqWarps, {sm}::kFixed);")
-    src = tmp_path / "tiles.cu"
-    src.write_text('#include <cstdio>\n#include "bwd_mma.cuh"\n#include "bwd_tiles.cuh"\nint main() {\n'
-                   + "\n".join(lines) + "\n}\n")
-    exe = tmp_path / "tiles"
-    subprocess.run(["nvcc", "-std=c++17", f"-I{kernels_dir()}", str(src), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    out = run_host_program(tmp_path, ["bwd_mma.cuh", "bwd_tiles.cuh"], lines)
     assert len(out) == len(combos)
     for line in out:
         d, mb, bb, w, bm, bn, warps, d_split, per_sm, dq_warps, fixed = map(int, line.split())

@@ -7,11 +7,10 @@ with the structured dtypes. Needs nvcc (CI has it), not a GPU.
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
+from host_program import run_host_program
 
-from dmattn_cupy._cuda.compile import kernels_dir
 from dmattn_cupy._cuda.params import STRUCTS
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -23,14 +22,8 @@ def _c_layout(tmp_path) -> dict[str, int]:
         lines.append(f'  printf("{struct} %zu\\n", sizeof(dmattn::{struct}));')
         for field in dtype.names:
             lines.append(f'  printf("{struct}.{field} %zu\\n", offsetof(dmattn::{struct}, {field}));')
-    src = tmp_path / "layout.cu"
-    src.write_text('#include <cstdio>\n#include <cstddef>\n#include "params.cuh"\nint main() {\n'
-                   + "\n".join(lines) + "\n}\n")
-    exe = tmp_path / "layout"
-    subprocess.run(["nvcc", "-std=c++17", f"-I{kernels_dir()}", str(src), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+    out = run_host_program(tmp_path, ["params.cuh"], lines)
+    return {name: int(value) for name, value in (line.split() for line in out)}
 
 
 def test_structs_match_the_header(tmp_path):
