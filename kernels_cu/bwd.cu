@@ -28,7 +28,10 @@
 // dbias: dS (fp32) summed in shared memory (sDb) over the heads of the group that share a dbias
 // head, flushed (flush_dbias: 16-byte stores) after the query tile's last head; or into per-head
 // column sums (sColSum) when the bias broadcasts over rows; fp32 atomics into dbias_accum when CTAs
-// of several batches / kv heads share a dbias element.
+// of several batches / kv heads share a dbias element. A dbias with one writer per element is not
+// zeroed by the host: each CTA writes zeros into the tiles of its strip that it skips (causal rows
+// above the diagonal, query tiles without a kept key), overlapped with other CTAs' math instead of a
+// memset of the whole array before the kernel (seed_32k: 2 GB).
 //
 // dQ traffic: each step adds a kBlockM x D fp32 tile, so dq_accum receives (active area) x D / 128
 // adds: 128-key CTAs halve the 64-key count, and sm_90's red.global.add.v2.f32 (one request per
@@ -113,6 +116,28 @@ __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, x[j], atomic);
+    }
+  }
+}
+
+// Zeros for dbias rows [row_lo, row_hi) x keys [n0, n0 + BN) (rows already clipped to Sq): tiles
+// this CTA owns but never computes. 16-byte stores per 8-key group where flush_dbias would use them.
+template <typename T, int BIAS_BYTES, int BN, int NT>
+__device__ __forceinline__ void zero_dbias_rows(const BwdParams& p, i64 base, int row_lo, int row_hi, int n0,
+                                                bool vec) {
+  constexpr int kGroups = BN / 8;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < (row_hi - row_lo) * kGroups; i += NT) {
+    const int row = row_lo + i / kGroups, key = n0 + (i % kGroups) * 8;
+    const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
+    if (vec && key + 8 <= p.a.seqlen_k) {
+      uint4* dst = reinterpret_cast<uint4*>(static_cast<unsigned char*>(p.dbias) + off * BIAS_BYTES);
+#pragma unroll
+      for (int j = 0; j < BIAS_BYTES / 2; ++j) dst[j] = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, 0.f, false);
     }
   }
 }
@@ -255,16 +280,16 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // Batch b's q, dout, mask, bias and the query head -> mask, bias, dbias head divisions: kept in
   // shared memory, where the step reads them after its barrier, rather than in 17 of the 255
   // registers through the whole loop.
-  const unsigned char** s_batch = reinterpret_cast<const unsigned char**>(smem + Sm::kScalars);
-  FastDivmod* s_head_div = reinterpret_cast<FastDivmod*>(smem + Sm::kScalars + 4 * sizeof(void*));
+  BwdScalars& sc = *reinterpret_cast<BwdScalars*>(smem + Sm::kScalars);
+  static_assert(sizeof(BwdScalars) <= Sm::kScalarBytes, "BwdSmem::kScalarBytes");
   if (threadIdx.x == 0) {
-    s_batch[0] = static_cast<const unsigned char*>(a.q) + b * a.q_stride[0] * 2;
-    s_batch[1] = static_cast<const unsigned char*>(p.dout) + b * p.do_stride[0] * 2;
-    s_batch[2] = static_cast<const unsigned char*>(a.mask) + b * a.mask_stride[0] * MASK_BYTES;
-    s_batch[3] = static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES;
-    s_head_div[0] = FastDivmod(a.mask_head_div);
-    s_head_div[1] = FastDivmod(a.bias_head_div);
-    s_head_div[2] = FastDivmod(p.dbias_head_div);
+    sc.batch[0] = static_cast<const unsigned char*>(a.q) + b * a.q_stride[0] * 2;
+    sc.batch[1] = static_cast<const unsigned char*>(p.dout) + b * p.do_stride[0] * 2;
+    sc.batch[2] = static_cast<const unsigned char*>(a.mask) + b * a.mask_stride[0] * MASK_BYTES;
+    sc.batch[3] = static_cast<const unsigned char*>(a.bias) + b * a.bias_stride[0] * BIAS_BYTES;
+    sc.head_div[0] = FastDivmod(a.mask_head_div);
+    sc.head_div[1] = FastDivmod(a.bias_head_div);
+    sc.head_div[2] = FastDivmod(p.dbias_head_div);
   }
   __syncthreads();
 
@@ -274,7 +299,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int i = threadIdx.x; i < words; i += NT) sBits[i] = 0u;
     __syncthreads();
     scan_mask_rows<MASK_BYTES, BN, BM, NT, CAUSAL>(
-        sBits, s_batch[2] + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
+        sBits, sc.batch[2] + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
         a.mask_stride[1] * MASK_BYTES, mask_slots, a.mask_stride, n0, m_lo, m_hi, m_tiles, Sq, Sk,
         a.mask_vec);
     __syncthreads();
@@ -331,8 +356,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // ---- tile copies
   auto load_pair = [&](int pr, int bi) {
     const int m = by_group.div(pr), m0 = m * BM, h = h_first + pr - m * G;
-    const u16* q = reinterpret_cast<const u16*>(s_batch[0]);
-    const u16* dout = reinterpret_cast<const u16*>(s_batch[1]);
+    const u16* q = reinterpret_cast<const u16*>(sc.batch[0]);
+    const u16* dout = reinterpret_cast<const u16*>(sc.batch[1]);
     // 8 warps: the first half of the CTA copies Q and the mask, the second dO and the bias (each
     // thread sets up two copies, not four)
     constexpr int CT = NT == 256 ? NT / 2 : NT;  // copying threads per tile
@@ -349,12 +374,12 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     if constexpr (MASK_BYTES > 0)
       if (first)
         load_aux_tile<MASK_BYTES, BN, CT, Mma::kSwizzledAux>(
-            sMask(bi), s_batch[2] + s_head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM,
+            sMask(bi), sc.batch[2] + sc.head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM,
             n0, Sq, Sk, a.mask_vec, tid);
     if constexpr (BIAS_BYTES > 0)
       if (second)
         load_aux_tile<BIAS_BYTES, BN, CT, Mma::kSwizzledAux>(
-            sBias(bi), s_batch[3] + s_head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM,
+            sBias(bi), sc.batch[3] + sc.head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM,
             n0, Sq, Sk, a.bias_vec, tid);
     // {lse2, D} of each row (rows past Sq: zeros, with zero dO, so dS = 0 there)
     if (threadIdx.x < BM) {
@@ -376,6 +401,29 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   if (BIAS_BYTES > 0) {
     const int n_db = rows_reduced ? G * BN : BM * DBST;
     for (int i = threadIdx.x; i < n_db; i += NT) sDb[i] = 0.f;
+  }
+
+  // ---- dbias written directly (one writer per element) is not zeroed by the host: zeros for the
+  // tiles of this strip that no step flushes, the query tiles of [m_lo, m_hi) without an active
+  // pair (of the head, when each query head has its own dbias head) and, from the chunk holding
+  // m_begin, the rows above the causal diagonal. Written here, while the first pair's copies land
+  // (spread over the steps instead, the stores slowed the steps' loads more than they saved).
+  if (BIAS_BYTES > 0 && do_dbias && !db_atomic && !rows_reduced) {
+    const bool per_head = p.dbias_head_div == 1;
+#pragma unroll 1
+    for (int hs = 0; hs < (per_head ? G : 1); ++hs) {
+      const int head = sc.head_div[2].div(h_first + hs);
+      const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
+      if (m_lo == m_begin) zero_dbias_rows<T, BIAS_BYTES, BN, NT>(p, base, 0, min(Sq, m_begin * BM), n0, db_vec);
+      if constexpr (MASK_BYTES > 0) {
+#pragma unroll 1
+        for (int m = m_lo; m < m_hi; ++m) {
+          bool flushed = false;  // some pair of tile m flushes this dbias head
+          for (int h2 = per_head ? hs : 0; h2 < (per_head ? hs + 1 : G); ++h2) flushed = flushed || active(m * G + h2);
+          if (!flushed) zero_dbias_rows<T, BIAS_BYTES, BN, NT>(p, base, m * BM, min(Sq, m * BM + BM), n0, db_vec);
+        }
+      }
+    }
   }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
@@ -487,7 +535,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     // dbias tile from sDb (complete after (B)): write in the bias dtype, or fp32 add (shared cells);
     // sDb is zeroed for the next query tile (whose adds start after the next (A)).
     if (flush_db) {
-      const int head = s_head_div[2].div(h);
+      const int head = sc.head_div[2].div(h);
       const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
       flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, base, m0, n0, db_atomic, db_vec);
     }
@@ -528,7 +576,6 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // ---- several chunks: this chunk's fp32 dK, dV to its slot (each thread its own fragments,
   // float4 i at [i * NT + thread]); the last chunk to finish sums the slots in chunk order.
   if (n_chunks > 1) {
-    int& is_last = *reinterpret_cast<int*>(s_head_div + 3);
     const i64 tile = (static_cast<i64>(part) * gridDim.x + blockIdx.x) * gridDim.z + n_tile;
     const int max_chunks = gridDim.y / Tr::kDSplit;
     float4* slots = reinterpret_cast<float4*>(p.dkv_partial) + tile * max_chunks * (2 * OA * NT);
@@ -541,11 +588,11 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-      is_last = atomicAdd(p.dkv_count + tile, 1) == n_chunks - 1;
+      sc.is_last = atomicAdd(p.dkv_count + tile, 1) == n_chunks - 1;
       __threadfence();  // acquire: the other chunks' slots are read after this
     }
     __syncthreads();
-    if (!is_last) return;
+    if (!sc.is_last) return;
     // dK, dV = 0 + slot 0 + slot 1 + ... (read from L2, in this order whichever chunk is last;
     // four column atoms at a time, so that at most 32 loaded registers are in flight)
 #pragma unroll
@@ -597,7 +644,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 }
 
 // Row stats {lse2 = lse * log2(e) (+inf where lse = -inf: 2^(s2 - inf) = 0), D = rowsum(dO * O)} in
-// fp32, and zeroes the row of dq_accum; one warp per (batch, head, row).
+// fp32, and zeroes the row of dq_accum; one warp per (batch, head, row), eight columns per lane
+// (16-byte loads: head dims are multiples of 8 and rows 16-byte aligned, see qkv_operand).
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
   const AttnParams& a = p.a;
@@ -607,11 +655,18 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
   if (row >= rows) return;
   const u16* o = static_cast<const u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);
   const u16* d_o = static_cast<const u16*>(p.dout) + bshd_row_offset(a, row, p.do_stride);
+  float* dqa = p.dq_accum + row * a.head_dim;
   float sum = 0.f;
-  for (int d = 2 * lane; d < a.head_dim; d += 64) {
-    const u32 x = *reinterpret_cast<const u32*>(o + d), y = *reinterpret_cast<const u32*>(d_o + d);
-    sum += T::to_float(static_cast<u16>(x & 0xffffu)) * T::to_float(static_cast<u16>(y & 0xffffu));
-    sum += T::to_float(static_cast<u16>(x >> 16)) * T::to_float(static_cast<u16>(y >> 16));
+  for (int d = 8 * lane; d < a.head_dim; d += 256) {
+    const uint4 x = *reinterpret_cast<const uint4*>(o + d), y = *reinterpret_cast<const uint4*>(d_o + d);
+    const u32 xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sum += T::to_float(static_cast<u16>(xs[j] & 0xffffu)) * T::to_float(static_cast<u16>(ys[j] & 0xffffu));
+      sum += T::to_float(static_cast<u16>(xs[j] >> 16)) * T::to_float(static_cast<u16>(ys[j] >> 16));
+    }
+    float4* z = reinterpret_cast<float4*>(dqa + d);
+    z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -620,11 +675,10 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
     *reinterpret_cast<float2*>(p.row_stats + 2 * row) =
         make_float2(lse == neg_inf() ? __int_as_float(0x7f800000) : lse * kLog2e, sum);
   }
-  float* dqa = p.dq_accum + row * a.head_dim;
-  for (int d = lane; d < a.head_dim; d += 32) dqa[d] = 0.f;
 }
 
-// dq (B, Sq, H, D) in T = scale * dq_accum (B, H, Sq, D); one warp per (batch, head, row).
+// dq (B, Sq, H, D) in T = scale * dq_accum (B, H, Sq, D); one warp per (batch, head, row), eight
+// columns per lane.
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   const AttnParams& a = p.a;
@@ -636,9 +690,12 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_consta
                             static_cast<i64>(a.heads) * a.head_dim, a.head_dim};  // contiguous
   u16* dq = static_cast<u16*>(p.dq) + bshd_row_offset(a, row, dq_stride);
   const float* src = p.dq_accum + row * a.head_dim;
-  for (int d = 2 * lane; d < a.head_dim; d += 64) {
-    const float2 x = *reinterpret_cast<const float2*>(src + d);
-    *reinterpret_cast<u32*>(dq + d) = T::pack(x.x * a.scale, x.y * a.scale);
+  const float s = a.scale;
+  for (int d = 8 * lane; d < a.head_dim; d += 256) {
+    const float4 x = *reinterpret_cast<const float4*>(src + d), y = *reinterpret_cast<const float4*>(src + d + 4);
+    *reinterpret_cast<uint4*>(dq + d) =
+        make_uint4(T::pack(x.x * s, x.y * s), T::pack(x.z * s, x.w * s), T::pack(y.x * s, y.y * s),
+                   T::pack(y.z * s, y.w * s));
   }
 }
 

@@ -85,7 +85,7 @@ struct BwdSmem {
   static constexpr int kBias = kMask + 2 * kMaskTile;
   static constexpr int kStats = kBias + 2 * kBiasTile;
   static constexpr int kScalars = kStats + 2 * BM * 8;
-  static constexpr int kScalarBytes = 80;
+  static constexpr int kScalarBytes = 80;  // BwdScalars
   static constexpr int kFixed = kScalars + kScalarBytes;  // then sDb / sColSum, sBits
 };
 
@@ -109,6 +109,14 @@ struct FastDivmod {
     return d == 1 ? n : static_cast<int>(__umulhi(static_cast<u32>(n), mul) >> shift);
   }
   __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
+};
+
+// Per-CTA values the backward's step reads from shared memory after a barrier, rather than holding
+// them in registers through the whole loop (D = 128 uses all 255).
+struct BwdScalars {
+  const unsigned char* batch[4];  // batch b's q, dout, mask, bias
+  FastDivmod head_div[3];         // query head -> mask, bias, dbias head
+  int is_last;                    // query chunks: this CTA sums the chunks' dK, dV
 };
 
 // Transposed scan for one key tile [key0, key0 + BLOCK_N) and the query tiles [m_lo, m_hi): sets

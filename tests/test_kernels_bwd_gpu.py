@@ -161,6 +161,26 @@ def test_hidden_positions_have_zero_dbias():
     assert bool((dbias[hidden] == 0).all())
 
 
+@pytest.mark.parametrize("bias_heads", [4, 1])
+def test_skipped_tiles_get_zero_dbias(bias_heads):
+    """The host does not zero dbias (the pool is poisoned with NaN): the CTAs write zeros into the
+    tiles they skip. Causal with Sq < Sk (the rows above the diagonal, written by the query chunk
+    that holds the diagonal), per-query-head block-sparse masks (whole 64 x 64 blocks off), one
+    dbias head per query head or one for the group, key tiles cut into query chunks."""
+    Sq, Sk, H = 1100, 1300, 4
+    q, k, v, _, bias = make_inputs(1, Sq, Sk, H, 1, 64, "bfloat16", None, (1, bias_heads, Sq, Sk))
+    blocks = cupy.random.random((1, H, (Sq + 63) // 64, (Sk + 63) // 64)) < 0.4
+    mask = cupy.repeat(cupy.repeat(blocks, 64, axis=2), 64, axis=3)[:, :, :Sq, :Sk]
+    mask &= cupy.random.random(mask.shape) < 0.8
+    assert _chunks(q, k, mask, bias, True) > 1
+    dbias = check_backward(q, k, v, mask, bias, causal=True)[3]
+    i = cupy.arange(Sq)[:, None]
+    j = cupy.arange(Sk)[None, :]
+    hidden = (mask == 0) | (j > i + Sk - Sq)
+    hidden = hidden.all(axis=1, keepdims=True) if bias_heads == 1 else hidden
+    assert bool((dbias[hidden] == 0).all()) and bool((dbias[~hidden] != 0).any())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_min_value_bias(dtype):
     q, k, v, _, bias = make_inputs(1, 50, 70, 2, 1, 64, dtype, None, (1, 1, 50, 70))

@@ -5,7 +5,8 @@ Three launches on CuPy's current stream (kernels_cu/bwd.cu):
   bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
                          (Hopper, tile head dims 64 and 128: warpgroup products, built for sm_90a)
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
-dbias is written directly in the bias dtype when each element has one writer; when several CTAs
+dbias is written directly in the bias dtype when each element has one writer (zeros too: the
+skipped tiles' come from the kernel, not from a memset); when several CTAs
 share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
 into an fp32 buffer of the bias's shape, converted at the end. Scratch, all zeroed in one buffer
 when needed: the chunk counters (key tiles cut into query chunks) and the turn bits of
@@ -54,11 +55,12 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
         rows_reduced = bq == 1
         db_atomic = (bb == 1 and B > 1) or (nh == 1 and Hk > 1)
         db_sharers = (B if bb == 1 else 1) * (Hk if nh == 1 else 1)
-        # Tiles the kernel skips (all-zero mask, causal) are never written: start from zero.
+        # Shared cells take fp32 adds: start from zero. One writer per element: the kernel writes
+        # every element, zeros included (the tiles it skips), so no memset runs before it.
         if db_atomic:
             dbias_accum = cupy.zeros(bias.shape, dtype=numpy.float32)
         else:
-            dbias = cupy.zeros(bias.shape, dtype=bias.dtype)
+            dbias = cupy.empty(bias.shape, dtype=bias.dtype)
         db_head_div = 1 if nh == H else (group if nh == Hk else H)
 
     cfg = bwd_config(head_dim=D, batch=B, heads=H, kv_heads=Hk, seqlen_q=Sq, seqlen_k=Sk,

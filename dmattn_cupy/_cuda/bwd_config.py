@@ -23,7 +23,7 @@ CHUNK_BELOW_WAVES = 2
 CHUNK_WAVES = 4
 MIN_CHUNK_TILES = 8
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90, of which 1 KiB is reserved per CTA
-SCALAR_BYTES = 80          # BwdSmem::kScalarBytes: batch pointers, head divisions, last-chunk flag
+SCALAR_BYTES = 80          # BwdSmem::kScalarBytes: BwdScalars (batch pointers, head divisions, chunk flag)
 
 
 @dataclass(frozen=True)
