@@ -333,6 +333,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   const bool db_bcast_h = p.dbias_stride[1] == 0 && a.kv_heads > 1;
   const int db_turn = (db_bcast_b ? b : 0) * (db_bcast_h ? a.kv_heads : 1) + (db_bcast_h ? hk : 0);
   const int db_words = ((db_bcast_b ? a.batch : 1) * (db_bcast_h ? a.kv_heads : 1) + 31) / 32;
+  auto dbias_base = [&](int h) {  // element offset of dbias (b, dbias head of query head h, 0, 0)
+    return static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(sc.head_div[2].div(h)) * p.dbias_stride[1];
+  };
   const bool db_ordered = det && do_dbias && db_atomic;
   const bool db_per_m = db_ordered && !rows_reduced;
   auto db_turns = [&](int m) {  // m: query tile (0 for column sums)
@@ -412,8 +415,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const bool per_head = p.dbias_head_div == 1;
 #pragma unroll 1
     for (int hs = 0; hs < (per_head ? G : 1); ++hs) {
-      const int head = sc.head_div[2].div(h_first + hs);
-      const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
+      const i64 base = dbias_base(h_first + hs);
       if (m_lo == m_begin) zero_dbias_rows<T, BIAS_BYTES, BN, NT>(p, base, 0, min(Sq, m_begin * BM), n0, db_vec);
       if constexpr (MASK_BYTES > 0) {
 #pragma unroll 1
@@ -535,9 +537,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     // dbias tile from sDb (complete after (B)): write in the bias dtype, or fp32 add (shared cells);
     // sDb is zeroed for the next query tile (whose adds start after the next (A)).
     if (flush_db) {
-      const int head = sc.head_div[2].div(h);
-      const i64 base = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1];
-      flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, base, m0, n0, db_atomic, db_vec);
+      flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, dbias_base(h), m0, n0, db_atomic, db_vec);
     }
     if (db_per_m && last_of_m) {  // uniform: every thread has flushed its part of tile m
       __threadfence();
@@ -561,9 +561,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int i = threadIdx.x; i < slots * BN; i += NT) {
       const int slot = i / BN, key = n0 + i % BN;
       if (key >= Sk) continue;
-      const int head = (h_first + slot) / p.dbias_head_div;
-      const i64 off = static_cast<i64>(b) * p.dbias_stride[0] + static_cast<i64>(head) * p.dbias_stride[1] + key;
-      store_dbias<T, BIAS_BYTES>(p, off, sColSum[i], db_atomic);
+      store_dbias<T, BIAS_BYTES>(p, dbias_base(h_first + slot) + key, sColSum[i], db_atomic);
     }
     if (db_ordered) {
       __threadfence();

@@ -5,8 +5,8 @@ Three launches on CuPy's current stream (kernels_cu/bwd.cu):
   bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
                          (Hopper, tile head dims 64 and 128: warpgroup products, built for sm_90a)
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
-dbias is written directly in the bias dtype when each element has one writer (zeros too: the
-skipped tiles' come from the kernel, not from a memset); when several CTAs
+dbias is written directly in the bias dtype when each element has one writer (the kernel writes
+the skipped tiles' zeros too, so dbias is not memset first); when several CTAs
 share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
 into an fp32 buffer of the bias's shape, converted at the end. Scratch, all zeroed in one buffer
 when needed: the chunk counters (key tiles cut into query chunks) and the turn bits of
