@@ -219,7 +219,7 @@ def check_config(cfg: Config, names: list[str], passes: list[str]) -> dict:
 def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress: Progress,
                  checks: dict) -> list[dict]:
     from .peers import make_flex, make_impl, make_inputs, synchronize
-    from .timing import few_ms, free_memory, median_ms, peak_mem_gib
+    from .timing import cupy_allocations_from_torch, few_ms, free_memory, median_ms, peak_mem_gib
 
     def record(impl: str, pass_: str, **kw) -> dict:
         r = dict(base, config=cfg.name, impl=impl, **{"pass": pass_})
@@ -284,7 +284,8 @@ def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress:
                 with impl.ctx():
                     fn()  # warm-up: compilation, autotuning, handles
                     synchronize()
-                    rec["peak_mem_gib"] = peak_mem_gib(fn, impl.input_bytes)
+                    with cupy_allocations_from_torch():
+                        rec["peak_mem_gib"] = peak_mem_gib(fn, impl.input_bytes)
                     rec["median_ms"] = median_ms(fn, **timing)
             except Exception as exc:
                 rec.update(median_ms=None, peak_mem_gib=None, error=short_error(exc))
@@ -328,8 +329,6 @@ def main(argv=None) -> int:
         configs = [c.small() for c in configs]
     timing = dict(warmup=10, rep=30) if args.quick else dict(warmup=25, rep=100)
 
-    if args.device == "cuda":
-        T.route_cupy_through_torch()
     t0 = time.time()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (harness self-test)"
     short = gpu_short_name(gpu)

@@ -4,7 +4,7 @@
   CUDA events around warmed-up calls when triton is missing.
 - :func:`peak_mem_gib` -- working set of one call: bytes of the inputs it reads plus
   ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
-- :func:`route_cupy_through_torch` -- makes CuPy allocate from torch's caching allocator, so that
+- :func:`cupy_allocations_from_torch` -- makes CuPy allocate from torch's caching allocator, so that
   torch's memory statistics see dmattn_cupy's allocations too.
 - :func:`ceilings` -- device-to-device copy bandwidth (bytes read + written per second) and the
   bf16 8192^3 matmul rate, measured in the same run as the benchmark.
@@ -126,33 +126,40 @@ def peak_mem_gib(fn, input_bytes: int = 0) -> float:
     return (input_bytes + max(0, peak - before)) / 2**30
 
 
-_ROUTED = {"done": False}
-
-
-def route_cupy_through_torch() -> bool:
-    """Let CuPy allocate device memory from torch's caching allocator.
+@contextlib.contextmanager
+def cupy_allocations_from_torch():
+    """CuPy allocates device memory from torch's caching allocator inside the block, so that
+    torch's memory statistics (:func:`peak_mem_gib`) see dmattn_cupy's allocations too.
 
     Each CuPy allocation holds a ``torch.uint8`` tensor of that size; freeing the CuPy array
     drops the tensor, which returns the block to torch's cache. Safe as long as CuPy and torch
-    run on the same stream, which :func:`benchmarks.peers.on_torch_stream` ensures.
+    run on the same stream, which :func:`benchmarks.peers.on_torch_stream` ensures. Only the
+    memory measurement runs this way: the timings use CuPy's own pool, as a user of the CuPy API
+    does (the Python callback costs ~10 us per allocation, which a decode step would otherwise
+    pay in the timing).
     """
-    if _ROUTED["done"]:
-        return True
+    if _cpu():
+        yield
+        return
+    import cupy
+    import torch
+
+    def _alloc(nbytes):
+        t = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device="cuda")
+        mem = cupy.cuda.UnownedMemory(t.data_ptr(), int(nbytes), t)
+        return cupy.cuda.MemoryPointer(mem, 0)
+
+    # dmattn_cupy's per-stream decode scratch is dropped on the way in and out, so that the calls
+    # inside allocate it from torch and the measurement counts it.
+    from dmattn_cupy._cuda.forward import release_workspaces
+
+    release_workspaces()
+    cupy.cuda.set_allocator(_alloc)
     try:
-        import cupy
-        import torch
-
-        def _alloc(nbytes):
-            t = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device="cuda")
-            mem = cupy.cuda.UnownedMemory(t.data_ptr(), int(nbytes), t)
-            return cupy.cuda.MemoryPointer(mem, 0)
-
-        cupy.cuda.set_allocator(_alloc)
-    except Exception as exc:  # pragma: no cover - GPU only
-        print(f"[timing] could not route CuPy allocations through torch: {exc!r}")
-        return False
-    _ROUTED["done"] = True
-    return True
+        yield
+    finally:
+        release_workspaces()
+        cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
 
 
 def _copy_ms(nbytes: int, device: str) -> float:

@@ -24,6 +24,7 @@
 // With num_splits > 1 (short queries over long keys, or too few tiles to fill the GPU) each split
 // writes a normalized fp32 partial output and its lse; fwd_combine_kernel merges them:
 //   lse = log sum_s exp(lse_s) ;  O = sum_s exp(lse_s - lse) O_s
+#include "combine.cuh"
 #include "fwd_block.cuh"
 #include "tile_mma.cuh"
 
@@ -107,74 +108,11 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(visited));
 }
 
-// Merges split partials; one CTA per (batch, head, row), its threads sharing the splits: a
-// decode row has up to kMaxSplits partials, and one thread walking them all in a dependent chain
-// of loads took longer than the split kernel itself. The host sizes the CTA to the row's work
-// (config.combine_threads: a multiple of 32, at least head_dim / 2, at most kMaxCombineThreads).
-constexpr int kMaxSplits = 256;          // mirrors config.MAX_SPLITS
-constexpr int kMaxCombineThreads = 512;  // mirrors config.MAX_COMBINE_THREADS
-
-__device__ __forceinline__ float block_reduce(float x, bool is_max, float* scratch) {
-  for (int o = 16; o > 0; o /= 2) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = is_max ? fmaxf(x, y) : x + y;
-  }
-  __syncthreads();  // scratch may still be read by the previous reduction
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-  __syncthreads();
-  x = scratch[0];
-  for (int w = 1; w < blockDim.x / 32; ++w) x = is_max ? fmaxf(x, scratch[w]) : x + scratch[w];
-  return x;
-}
-
+// Merges split partials (combine.cuh): one CTA per (batch, head, row), sized by the host to the
+// row's work (config.combine_threads).
 template <typename T>
 __global__ void __launch_bounds__(kMaxCombineThreads) fwd_combine_kernel(const __grid_constant__ FwdParams p) {
-  __shared__ float weight[kMaxSplits];           // exp(lse_s - mx): split s's share of the row
-  __shared__ float2 part[kMaxCombineThreads];    // per (split group, column pair) sums
-  __shared__ float scratch[kMaxCombineThreads / 32];
-  const AttnParams& a = p.a;
-  const i64 rows = static_cast<i64>(a.batch) * a.heads * a.seqlen_q;
-  const i64 row = blockIdx.x;
-  const int splits = p.num_splits, tid = threadIdx.x, threads = blockDim.x;
-
-  //   lse = mx + log sum_s exp(lse_s - mx),  mx = max_s lse_s   (-inf: no split saw a key)
-  float mx = neg_inf();
-  for (int s = tid; s < splits; s += threads) mx = fmaxf(mx, p.lse_split[s * rows + row]);
-  mx = block_reduce(mx, true, scratch);
-  float total = 0.f;
-  for (int s = tid; s < splits; s += threads) {
-    const float e = mx == neg_inf() ? 0.f : __expf(p.lse_split[s * rows + row] - mx);
-    weight[s] = e;
-    total += e;
-  }
-  total = block_reduce(total, false, scratch);  // its barriers publish `weight`
-  const float lse = mx == neg_inf() ? neg_inf() : mx + logf(total);
-  const float inv_total = mx == neg_inf() ? 0.f : 1.f / total;
-
-  // O = sum_s weight_s / total * O_s: thread = (split group g, column pair c); groups stride the
-  // splits so each thread's loads are independent and stay in flight together.
-  const int pairs = a.head_dim / 2, groups = threads / pairs;
-  const int g = tid / pairs, c = tid % pairs;
-  float2 acc = make_float2(0.f, 0.f);
-  if (g < groups) {
-    const float* o_col = p.o_split + row * a.head_dim + 2 * c;
-#pragma unroll 8
-    for (int s = g; s < splits; s += groups) {
-      const float2 x = *reinterpret_cast<const float2*>(o_col + s * rows * a.head_dim);
-      acc.x += weight[s] * x.x;
-      acc.y += weight[s] * x.y;
-    }
-  }
-  part[tid] = acc;
-  __syncthreads();
-  if (g != 0) return;
-  for (int h = 1; h < groups; ++h) {
-    acc.x += part[h * pairs + c].x;
-    acc.y += part[h * pairs + c].y;
-  }
-  u16* o = static_cast<u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);
-  *reinterpret_cast<u32*>(o + 2 * c) = T::pack(acc.x * inv_total, acc.y * inv_total);
-  if (c == 0 && p.lse != nullptr) p.lse[row] = lse;
+  combine_row<T>(p, blockIdx.x);
 }
 
 }  // namespace dmattn

@@ -9,6 +9,7 @@
 #pragma once
 #include "params.cuh"
 #include "mask.cuh"
+#include "score_mod.cuh"
 #include "softmax.cuh"
 
 namespace dmattn {
@@ -127,8 +128,7 @@ struct FwdBlock {
   __device__ __forceinline__ void score_mods_tile(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                                   const unsigned char* sBiasT, const int (&aux_row)[MA],
                                                   int n0, int tq) const {
-    const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
-    const float inv_cap = 1.f / a.softcap;
+    const ScoreMod<(BIAS_BYTES > 0), SOFTCAP> mod(a);
 #pragma unroll
     for (int at = 0; at < MA; ++at)
 #pragma unroll
@@ -145,14 +145,7 @@ struct FwdBlock {
             mask_pair(reinterpret_cast<const MaskRaw*>(sMaskT + r * kMaskRow), pair, keep[0], keep[1]);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            float x = s[at][nt][2 * h + j];
-            if constexpr (BIAS_BYTES > 0) {
-              const float bval = fmaxf(j == 0 ? bv.x : bv.y, kBiasFloor);
-              x = SOFTCAP ? cap_log2 * fast_tanh(fmaf(x, scale_over_cap, bval * inv_cap))
-                          : fmaf(x, a.scale_log2, bval * kLog2e);
-            } else {
-              x = SOFTCAP ? cap_log2 * fast_tanh(x * scale_over_cap) : x * a.scale_log2;
-            }
+            const float x = mod(s[at][nt][2 * h + j], j == 0 ? bv.x : bv.y);
             if constexpr (EDGE) {
               const int key = n0 + 2 * pair + j;
               keep[j] = keep[j] && key < a.seqlen_k && (!CAUSAL || key <= m0 + r + a.seqlen_k - a.seqlen_q);

@@ -45,11 +45,13 @@ struct FwdParams {
   float* lse;              // (B, H, Sq), contiguous; nullptr: not wanted
   float* o_split;          // (splits, B*H, Sq, D) fp32 partial outputs when num_splits > 1
   float* lse_split;        // (splits, B*H, Sq)
-  u64* tiles_visited;      // optional counter of (query tile x key tile) pairs computed
-  int num_splits;          // key-range splits (blockIdx.z)
+  u64* tiles_visited;      // optional counter of (query tile x key tile) pairs computed (the
+                           // decode kernel: batches of live keys)
+  u32* arrivals;           // decode kernel: splits finished per (batch, kv head); zero between calls
+  int num_splits;          // key-range splits (blockIdx.z; the decode kernel: blockIdx.x)
   int tiles_per_split;     // key tiles per split
   int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
-  int pad1;
+  int keys_per_split;      // decode kernel: keys per split
 };
 
 struct BwdParams {

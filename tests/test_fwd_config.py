@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dmattn_cupy._cuda.compile import kernels_dir
-from dmattn_cupy._cuda.config import (MAX_COMBINE_THREADS, MAX_SPLITS, SMEM_PER_CTA, SMEM_PER_CTA_FOR_TWO,
-                                      combine_threads, fwd_config)
+from dmattn_cupy._cuda.config import (DECODE_MAX_ROWS, DECODE_MAX_SPLIT_KEYS, DECODE_MERGE_FLOATS, DECODE_THREADS,
+                                      MAX_COMBINE_THREADS, MAX_SPLITS, SMEM_PER_CTA, SMEM_PER_CTA_FOR_TWO,
+                                      combine_threads, decode_batch, decode_config, fwd_config, use_decode)
 
 H100_SMS = 132
 
@@ -48,7 +49,7 @@ def test_decode_splits_stay_within_the_combine_buffer(seqlen_k):
 
 
 def test_combine_constants_match_the_kernel():
-    source = (kernels_dir() / "fwd.cu").read_text()
+    source = (kernels_dir() / "combine.cuh").read_text()
     assert f"constexpr int kMaxSplits = {MAX_SPLITS};" in source
     assert f"constexpr int kMaxCombineThreads = {MAX_COMBINE_THREADS};" in source
 
@@ -60,3 +61,39 @@ def test_combine_threads_cover_the_row(splits, head_dim):
     assert threads % 32 == 0 and head_dim // 2 <= threads <= MAX_COMBINE_THREADS
     # few splits: about one warp per 8 partial loads, not a full CTA of idle threads
     assert threads <= max(32 * -(-head_dim // 64), 32 * -(-splits * head_dim // 512))
+
+
+def test_decode_constants_match_the_kernel():
+    source = (kernels_dir() / "fwd_decode.cu").read_text()
+    assert f"kThreads = {DECODE_THREADS};" in source
+    assert f"kMaxRows = {DECODE_MAX_ROWS};" in source
+    assert f"kMaxSplitKeys = {DECODE_MAX_SPLIT_KEYS};" in source
+    assert "kBatch = HEAD_DIM <= 128 ? 64 : 32;" in source
+    assert (decode_batch(128), decode_batch(160)) == (64, 32)
+
+
+def test_decode_takes_short_queries_only():
+    assert use_decode(group=2, seqlen_q=1, seqlen_k=131072, has_mask=True)
+    assert use_decode(group=8, seqlen_q=2, seqlen_k=5, has_mask=True)
+    assert not use_decode(group=2, seqlen_q=1, seqlen_k=131072, has_mask=False)  # dense: tiles
+    assert not use_decode(group=8, seqlen_q=4, seqlen_k=131072, has_mask=True)   # 32 rows per kv head
+    assert not use_decode(group=1, seqlen_q=1, seqlen_k=MAX_SPLITS * DECODE_MAX_SPLIT_KEYS + 1, has_mask=True)
+
+
+@pytest.mark.parametrize("seqlen_k", [1, 63, 1000, 70_000, 131_072, MAX_SPLITS * DECODE_MAX_SPLIT_KEYS])
+@pytest.mark.parametrize("batch,kv_heads,rows", [(1, 1, 2), (2, 4, 16), (64, 8, 1)])
+def test_decode_splits_cover_the_keys(seqlen_k, batch, kv_heads, rows):
+    cfg = decode_config(head_dim=64, batch=batch, kv_heads=kv_heads, rows=rows, seqlen_k=seqlen_k,
+                        sm_count=H100_SMS)
+    assert cfg.keys_per_split % 64 == 0 and cfg.keys_per_split <= DECODE_MAX_SPLIT_KEYS
+    assert 1 <= cfg.num_splits <= MAX_SPLITS
+    assert (cfg.num_splits - 1) * cfg.keys_per_split < seqlen_k <= cfg.num_splits * cfg.keys_per_split
+    # the last CTA merges a bounded volume unless the keys need more splits
+    if seqlen_k <= DECODE_MAX_SPLIT_KEYS * DECODE_MERGE_FLOATS // (rows * 64):
+        assert cfg.num_splits * rows * 64 <= max(DECODE_MERGE_FLOATS, rows * 64)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 160, 192, 256])
+def test_decode_shared_memory_fits(head_dim):
+    cfg = decode_config(head_dim=head_dim, batch=1, kv_heads=1, rows=16, seqlen_k=131072, sm_count=H100_SMS)
+    assert cfg.smem_bytes <= SMEM_PER_CTA_FOR_TWO

@@ -13,30 +13,65 @@ import numpy
 
 from . import compile as nvrtc
 from . import device
-from .config import FwdConfig, combine_threads, fwd_config, use_wgmma
+from .config import DECODE_THREADS, combine_threads, decode_config, fwd_config, use_decode, use_wgmma
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, new_record, pointer_slots
 
 _INPUTS = list(pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias"))
-_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED = pointer_slots(
-    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited")
+_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS = pointer_slots(
+    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals")
 
 
 @dataclass(frozen=True)
 class FwdPlan:
-    config: FwdConfig
     words: numpy.ndarray    # the FwdParams record as uint64 words, every field but the pointers
     kernel: object
-    combine: object         # None unless the keys are split
     grid: tuple[int, int, int]
+    threads: int
+    smem_bytes: int
+    combine: object         # fwd_combine_kernel when the tile kernel's keys are split, else None
     combine_grid: tuple[int]
     combine_threads: int
     prepare: bool           # an input must be copied or converted before the kernels read it
+    num_splits: int
     partial_elems: int      # fp32 elements of the split partials: outputs, then their lse
+    arrivals: int           # decode kernel: arrival counters it needs (one per batch x kv head)
+    problem: object         # the validated Problem whose identity keys this plan (kept alive)
 
 
 _PLANS: dict = {}
+_PLANS_MAX = 1024
+_WORKSPACES: dict = {}  # (device, stream) -> _DecodeWorkspace
+
+
+@dataclass
+class _DecodeWorkspace:
+    """The decode kernel's scratch, reused by the calls on one stream (they run in order, so no
+    two use it at once): split partials, and arrival counters that every call leaves at zero (so
+    they are zeroed only when allocated)."""
+    partials: object = None
+    counters: object = None
+
+
+def release_workspaces() -> None:
+    """Drops the per-stream decode scratch (the next call allocates it again): for memory
+    accounting."""
+    _WORKSPACES.clear()
+
+
+def _decode_workspace(partial_elems: int, counters: int) -> _DecodeWorkspace:
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = _DecodeWorkspace()
+    if ws.partials is None or ws.partials.size < partial_elems:
+        ws.partials = cupy.empty(partial_elems, dtype=numpy.float32)
+    if ws.counters is None or ws.counters.size < counters:
+        ws.counters = cupy.zeros(max(counters, 64), dtype=numpy.uint32)
+    return ws
 
 
 def _operands(q, k, v, mask, bias, problem):
@@ -49,19 +84,34 @@ def _operands(q, k, v, mask, bias, problem):
 
 def _plan(key, q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str) -> FwdPlan:
     q2, k2, v2, m, b = _operands(q, k, v, mask, bias, problem)
-    wgmma = use_wgmma(capability, problem.head_dim, choice)
     B, Sq, Sk, H, D = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads, problem.head_dim
+    Hk = problem.kv_heads
+    rec = new_record(FWD_PARAMS)
+    elem = nvrtc.element_type(q.dtype)
+    prepare = any(x is not y for x, y in ((q, q2), (k, k2), (v, v2), (mask, m.array)))
+    if use_decode(H // Hk, Sq, Sk, m.elem_bytes > 0):
+        cfg = decode_config(head_dim=D, batch=B, kv_heads=Hk, rows=H // Hk * Sq, seqlen_k=Sk, sm_count=sm_count)
+        fill_attn(rec, problem, q2, k2, v2, m, b, 1)
+        rec["o_stride"] = (Sq * H * D, H * D, D)
+        rec["num_splits"], rec["keys_per_split"] = cfg.num_splits, cfg.keys_per_split
+        kernel = nvrtc.get_kernel("fwd_decode.cu", nvrtc.kernel_name(
+            "fwd_decode_kernel", elem, cfg.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
+            problem.softcap > 0))
+        plan = FwdPlan(rec.view(numpy.uint64), kernel, (cfg.num_splits, B * Hk, 1), DECODE_THREADS,
+                       cfg.smem_bytes, None, (), 0, prepare, cfg.num_splits,
+                       cfg.num_splits * B * H * Sq * (D + 1), B * Hk, problem)
+        _PLANS[key] = plan
+        return plan
+    wgmma = use_wgmma(capability, D, choice)
     cfg = fwd_config(
-        head_dim=D, batch=B, heads=H, group=H // problem.kv_heads, seqlen_q=Sq, seqlen_k=Sk,
+        head_dim=D, batch=B, heads=H, group=H // Hk, seqlen_q=Sq, seqlen_k=Sk,
         mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
         shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count, wgmma=wgmma,
     )
-    rec = new_record(FWD_PARAMS)
     fill_attn(rec, problem, q2, k2, v2, m, b, cfg.pack)
     rec["o_stride"] = (Sq * H * D, H * D, D)
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
-    elem = nvrtc.element_type(q.dtype)
     if cfg.tiles.wgmma:
         kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
             "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, m.elem_bytes,
@@ -72,11 +122,10 @@ def _plan(key, q, k, v, mask, bias, problem, capability: int, sm_count: int, cho
             problem.softcap > 0))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
-    prepare = any(x is not y for x, y in ((q, q2), (k, k2), (v, v2), (mask, m.array)))
-    plan = FwdPlan(cfg, rec.view(numpy.uint64), kernel, combine,
-                   (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits), (B * H * Sq,),
-                   combine_threads(cfg.num_splits, D), prepare,
-                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0)
+    plan = FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
+                   cfg.tiles.threads, cfg.smem_bytes, combine, (B * H * Sq,),
+                   combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
+                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem)
     _PLANS[key] = plan
     return plan
 
@@ -86,17 +135,22 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     (query tile x key tile) pairs computed, for tests of block skipping.
 
     A call whose shapes, strides, dtypes and options were seen before costs one dictionary
-    lookup, the output allocations, a few pointer stores and the launches.
+    lookup, the output allocations, a few pointer stores and the launches (the decode kernel's
+    split partials live in scratch reused by the calls on the stream).
     """
     import cupy
 
     capability, sm_count = device.current()
     choice = device.mma_choice()
     ptrs = tuple(0 if x is None else x.data.ptr for x in (q, k, v, mask, bias))
-    key = tuple(None if x is None else (x.shape, x.strides, x.dtype.str, ptr % 16 == 0)
-                for x, ptr in zip((q, k, v, mask, bias), ptrs))
-    key += (problem.scale, problem.causal, problem.softcap, sm_count, choice)
-    plan = _PLANS.get(key) or _plan(key, q, k, v, mask, bias, problem, capability, sm_count, choice)
+    # validate_attention hands out one Problem per signature (array types, shapes, dtypes,
+    # strides and options), so its identity stands for all of them; the plan keeps it alive.
+    key = (id(problem), tuple(ptr % 16 == 0 for ptr in ptrs), sm_count, choice)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _plan(key, q, k, v, mask, bias, problem, capability, sm_count, choice)
     if plan.prepare:
         q, k, v, m, _ = _operands(q, k, v, mask, None, problem)
         ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, m.ptr, ptrs[4])
@@ -109,11 +163,16 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     words[_OUT] = out.data.ptr
     words[_LSE] = 0 if lse is None else lse.data.ptr
     words[_TILES_VISITED] = 0 if tiles_visited is None else tiles_visited.data.ptr
-    if plan.partial_elems:
+    if plan.arrivals:  # the decode kernel: small scratch, kept per stream (a decode step is short)
+        ws = _decode_workspace(plan.partial_elems, plan.arrivals)
+        partials = ws.partials
+        words[_ARRIVALS] = ws.counters.data.ptr
+    elif plan.partial_elems:
         partials = cupy.empty(plan.partial_elems, dtype=numpy.float32)
+    if plan.partial_elems:
         words[_O_SPLIT] = partials.data.ptr
-        words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.config.num_splits * B * H * Sq * D
-    nvrtc.launch(plan.kernel, plan.grid, plan.config.tiles.threads, words, plan.config.smem_bytes)
+        words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.num_splits * B * H * Sq * D
+    nvrtc.launch(plan.kernel, plan.grid, plan.threads, words, plan.smem_bytes)
     if plan.combine is not None:
         nvrtc.launch(plan.combine, plan.combine_grid, plan.combine_threads, words)
     return (out, lse) if return_lse else out

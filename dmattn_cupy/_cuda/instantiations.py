@@ -52,6 +52,8 @@ HOPPER = ("sm_90a",)
 COVERING_SET = {
     "fwd.cu": [(kernel_name("fwd_kernel", *f), "FwdParams", PORTABLE) for f in ATTENTION_FLAGS]
     + [(kernel_name("fwd_combine_kernel", t), "FwdParams", PORTABLE) for t in (BF16, FP16)],
+    "fwd_decode.cu": [(kernel_name("fwd_decode_kernel", *f), "FwdParams", PORTABLE)
+                      for f in ATTENTION_FLAGS if f[2] > 0],  # the decode kernel needs a mask
     "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, wg, *f), "FwdParams", HOPPER)
                      for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS
                      for wg in ((1, 2) if d in WGMMA_WIDE_HEAD_DIMS else (1,))],

@@ -32,8 +32,8 @@ FWD_PARAMS = numpy.dtype(
     [
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
-        ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR),
-        ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("pad1", _I32),
+        ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
+        ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
     ],
     align=True,
 )
