@@ -370,6 +370,21 @@ function as dmattn_cupy; `flex_build` includes building FlexAttention's BlockMas
 dynamic mask needs at every step. In the sparsity sweep, `time(d) / time(1)` close to `d` means the
 kernel turns skipped tiles into saved time.
 '''),
+    md('''
+## Decode: cost follows the kept keys
+
+A decode step (a few query rows against a long cache) under a top-k mask keeps ~1% of the keys,
+scattered, so nearly every 64-key tile still holds one: skipping tiles saves little there. Short
+queries under a mask therefore run their own kernel (`kernels_cu/fwd_decode.cu`): each CTA scans
+its key range of the mask, compacts the kept keys into a list, gathers only their K and V rows
+(`cp.async`, a ring of two 64-key batches) and their bias, and the last CTA of each kv head to
+finish merges the splits while they are still in L2 — one launch, no second pass. decode_128k
+(1 query row, 2 heads, 131072 keys, top-1024) reads the 128 KB mask and ~0.3 MB of kept rows
+instead of 33 MB of K and V:
+'''),
+    code('''for r in records:
+    if r.get("config") == "decode_128k" and r.get("pass") == "fwd" and r.get("median_ms"):
+        print(f"{r['impl']:16s} {r['median_ms'] * 1e3:8.1f} us")'''),
 ]
 
 # ---------------------------------------------------------------------------------------------
