@@ -82,26 +82,23 @@ def _operands(q, k, v, mask, bias, problem):
             aux_operand(bias, heads=H, kv_heads=Hk, seqlen_k=Sk, is_mask=False))
 
 
-def _plan(key, q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str) -> FwdPlan:
+def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str) -> FwdPlan:
     q2, k2, v2, m, b = _operands(q, k, v, mask, bias, problem)
     B, Sq, Sk, H, D = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads, problem.head_dim
     Hk = problem.kv_heads
     rec = new_record(FWD_PARAMS)
+    rec["o_stride"] = (Sq * H * D, H * D, D)
     elem = nvrtc.element_type(q.dtype)
+    flags = (m.elem_bytes, b.elem_bytes, problem.causal, problem.softcap > 0)
     prepare = any(x is not y for x, y in ((q, q2), (k, k2), (v, v2), (mask, m.array)))
     if use_decode(H // Hk, Sq, Sk, m.elem_bytes > 0):
         cfg = decode_config(head_dim=D, batch=B, kv_heads=Hk, rows=H // Hk * Sq, seqlen_k=Sk, sm_count=sm_count)
         fill_attn(rec, problem, q2, k2, v2, m, b, 1)
-        rec["o_stride"] = (Sq * H * D, H * D, D)
         rec["num_splits"], rec["keys_per_split"] = cfg.num_splits, cfg.keys_per_split
-        kernel = nvrtc.get_kernel("fwd_decode.cu", nvrtc.kernel_name(
-            "fwd_decode_kernel", elem, cfg.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
-            problem.softcap > 0))
-        plan = FwdPlan(rec.view(numpy.uint64), kernel, (cfg.num_splits, B * Hk, 1), DECODE_THREADS,
+        kernel = nvrtc.get_kernel("fwd_decode.cu", nvrtc.kernel_name("fwd_decode_kernel", elem, cfg.head_dim, *flags))
+        return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.num_splits, B * Hk, 1), DECODE_THREADS,
                        cfg.smem_bytes, None, (), 0, prepare, cfg.num_splits,
                        cfg.num_splits * B * H * Sq * (D + 1), B * Hk, problem)
-        _PLANS[key] = plan
-        return plan
     wgmma = use_wgmma(capability, D, choice)
     cfg = fwd_config(
         head_dim=D, batch=B, heads=H, group=H // Hk, seqlen_q=Sq, seqlen_k=Sk,
@@ -109,25 +106,19 @@ def _plan(key, q, k, v, mask, bias, problem, capability: int, sm_count: int, cho
         shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count, wgmma=wgmma,
     )
     fill_attn(rec, problem, q2, k2, v2, m, b, cfg.pack)
-    rec["o_stride"] = (Sq * H * D, H * D, D)
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
     if cfg.tiles.wgmma:
         kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
-            "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, m.elem_bytes,
-            b.elem_bytes, problem.causal, problem.softcap > 0), "sm_90a")
+            "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, *flags), "sm_90a")
     else:
-        kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name(
-            "fwd_kernel", elem, cfg.tiles.head_dim, m.elem_bytes, b.elem_bytes, problem.causal,
-            problem.softcap > 0))
+        kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_kernel", elem, cfg.tiles.head_dim, *flags))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
-    plan = FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
+    return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
                    cfg.tiles.threads, cfg.smem_bytes, combine, (B * H * Sq,),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
                    cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem)
-    _PLANS[key] = plan
-    return plan
 
 
 def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
@@ -150,7 +141,7 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _plan(key, q, k, v, mask, bias, problem, capability, sm_count, choice)
+        plan = _PLANS[key] = _plan(q, k, v, mask, bias, problem, capability, sm_count, choice)
     if plan.prepare:
         q, k, v, m, _ = _operands(q, k, v, mask, None, problem)
         ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, m.ptr, ptrs[4])
