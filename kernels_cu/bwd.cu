@@ -204,9 +204,8 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
       const int r = nt * 8 + row0 + j;  // row in the query tile
       float bval = 0.f;
       if constexpr (BIAS_BYTES > 0)
-        bval = fmaxf(bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(
-                         sBias + bias_off[hk][j] + nt * 8 * Sm::BiasRows::kRowBytes)),
-                     kBiasFloor);
+        bval = bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(
+            sBias + bias_off[hk][j] + nt * 8 * Sm::BiasRows::kRowBytes));
       // x = s2 - lse2, the exponent of P
       float x;
       if constexpr (SOFTCAP) {

@@ -80,7 +80,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
     for (int dt = 0; dt < DA; ++dt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[at][dt][e] = 0.f;
-  OnlineSoftmax<MA, NA, DA> softmax;
+  OnlineSoftmax<MA, NA, DA> softmax(blk.score_unit());
   int visited = 0;
 
   int stage = 0, load_stage = p.stages - 1;
@@ -93,11 +93,12 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
     }
     cp_async_commit();
 
+    const bool full = blk.mask_rows_full(sMask(stage), aux_row, lane);  // (before S takes registers)
     float s[MA][NA][4];
     Tiles::qk(s, sQ, sK(stage), warp_row0, lane);                   // S = Q K_t^T
-    blk.score_mods(s, sMask(stage), sBias(stage), aux_row, t, tq);   // s2 = log2(e) * mods(S)
+    blk.score_mods(s, sMask(stage), sBias(stage), aux_row, t, tq, full);  // mods(S)
     float alpha[MA][2];
-    if (softmax.update(s, alpha)) softmax.rescale(acc_o, alpha);     // P = 2^(s2 - m), O *= alpha
+    if (softmax.update(s, alpha)) softmax.rescale(acc_o, alpha);     // P = 2^(unit (s - m)), O *= alpha
     Tiles::pv(acc_o, s, sV(stage), lane);                            // O += P V_t
     stage = stage + 1 == p.stages ? 0 : stage + 1;
     load_stage = load_stage + 1 == p.stages ? 0 : load_stage + 1;

@@ -108,23 +108,57 @@ struct FwdBlock {
                                                    a.seqlen_k, a.bias_vec);
   }
 
-  // ---- scores of key tile t, in place: s2 = log2(e) * mask(softcap(scale * s + bias)), hidden
-  // positions -inf. s holds MA 16-row atoms in the mma C layout; aux_row[at] is the mask/bias
-  // row of this lane's row g of atom at (g + 8: one row further). Only the last key tile and the
-  // tiles the causal diagonal crosses need bounds checks; the other tiles take a copy without
-  // them (no index math or selects per score: the common tile is the softmax's critical path).
+  // Base-2 logarithm per score unit (score_mod.cuh): the online softmax's multiplier.
+  __device__ __forceinline__ float score_unit() const { return ScoreMod<(BIAS_BYTES > 0), SOFTCAP>(a).unit; }
+
+  // True when every mask element of this warp's rows of the tile (16 rows per atom: aux_row[at] is
+  // lane g's row of atom at) is "keep": its scores then skip the per-element mask test. Block-
+  // structured masks (top-k smoothed to blocks, block-sparse layouts) keep whole tiles, so most
+  // computed tiles take that path. A few 16-byte shared loads per lane, issued while the tile's
+  // Q K^T runs; warp-uniform. Bool/uint8 masks only: float masks are 2-4x the loads and
+  // registers for a rare input, and always take the masked path.
+  template <int MA>
+  __device__ __forceinline__ bool mask_rows_full(const unsigned char* sMaskT, const int (&aux_row)[MA],
+                                                 int lane) const {
+    if constexpr (MASK_BYTES == 0) {
+      return true;
+    } else if constexpr (MASK_BYTES != 1) {
+      return false;
+    } else {
+      constexpr int kRowChunks = BLOCK_N / 16;
+      u32 zero = 0u;
+#pragma unroll
+      for (int at = 0; at < MA; ++at) {
+        const unsigned char* rows = sMaskT + (aux_row[at] - lane / 4) * kMaskRow;
+#pragma unroll
+        for (int c = lane; c < 16 * kRowChunks; c += 32)
+          zero |= chunk_zero_bytes(
+              *reinterpret_cast<const uint4*>(rows + (c / kRowChunks) * kMaskRow + (c % kRowChunks) * 16));
+      }
+      return __all_sync(0xffffffffu, zero == 0u);
+    }
+  }
+
+  // ---- scores of key tile t, in place, in score units: mods(S), hidden positions -inf. s holds MA
+  // 16-row atoms in the mma C layout; aux_row[at] is the mask/bias row of this lane's row g of atom
+  // at (g + 8: one row further); full: mask_rows_full. Only the last key tile and the tiles the
+  // causal diagonal crosses need bounds checks; the other tiles take a copy without them, and
+  // without the mask test when the warp's mask rows are all "keep" (no index math or selects per
+  // score: the common tile is the softmax's critical path).
   template <int MA, int NA>
   __device__ __forceinline__ void score_mods(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                              const unsigned char* sBiasT, const int (&aux_row)[MA], int t,
-                                             int tq) const {
+                                             int tq, bool full) const {
     const int n0 = t * BLOCK_N;
     if (n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q))
-      score_mods_tile<true>(s, sMaskT, sBiasT, aux_row, n0, tq);
+      score_mods_tile<true, true>(s, sMaskT, sBiasT, aux_row, n0, tq);
+    else if (!full)
+      score_mods_tile<false, true>(s, sMaskT, sBiasT, aux_row, n0, tq);
     else
-      score_mods_tile<false>(s, sMaskT, sBiasT, aux_row, n0, tq);
+      score_mods_tile<false, false>(s, sMaskT, sBiasT, aux_row, n0, tq);
   }
 
-  template <bool EDGE, int MA, int NA>
+  template <bool EDGE, bool MASKED, int MA, int NA>
   __device__ __forceinline__ void score_mods_tile(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                                   const unsigned char* sBiasT, const int (&aux_row)[MA],
                                                   int n0, int tq) const {
@@ -141,7 +175,7 @@ struct FwdBlock {
           if constexpr (BIAS_BYTES > 0)
             bv = bias_pair<T>(reinterpret_cast<const BiasRaw*>(sBiasT + r * kBiasRow), pair);
           bool keep[2] = {true, true};
-          if constexpr (MASK_BYTES > 0)
+          if constexpr (MASK_BYTES > 0 && MASKED)
             mask_pair(reinterpret_cast<const MaskRaw*>(sMaskT + r * kMaskRow), pair, keep[0], keep[1]);
 #pragma unroll
           for (int j = 0; j < 2; ++j) {

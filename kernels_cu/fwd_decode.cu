@@ -11,7 +11,7 @@
 //   2. batches  kBatch live keys at a time, a ring of two: while batch i is computed, cp.async
 //               gathers K and V rows of batch i + 1 and each thread's mask/bias elements for it
 //               are in flight in registers.
-//        scores   thread = (key j, row set): s2[r][j] = mod(q_r . k_j) or -inf (ScoreMod), q in
+//        scores   thread = (key j, row set): s2[r][j] = unit * mod(q_r . k_j) or -inf (ScoreMod), q in
 //                 fp32 in shared memory (the same address across a warp: broadcast)
 //        softmax  warp w owns rows w, w + 4, ...: running max m, sum l, alpha, p in place
 //        P V      thread = (column pair c, key subset): O[r][c] = O[r][c] * alpha_r + sum_j p_rj V_j
@@ -255,7 +255,7 @@ fwd_decode_kernel(const __grid_constant__ FwdParams p) {
     }
     cp_async_commit();
 
-    // scores: s2 = mod(q_r . k_j), -inf where the mask, causality or the batch's end hide the key
+    // scores: s2 = unit * mod(q_r . k_j), -inf where the mask, causality or the batch's end hide the key
     float dot[RT];
 #pragma unroll
     for (int q = 0; q < RT; ++q) dot[q] = 0.f;
@@ -283,7 +283,7 @@ fwd_decode_kernel(const __grid_constant__ FwdParams p) {
       const bool keep = cur.key >= 0 && mask_keep(cur.m[q]) && cur.key <= row_limit(r);
       float bias = 0.f;
       if constexpr (BIAS_BYTES > 0) bias = bias_to_float<T>(cur.bias[q]);
-      sS[r * BK + j_mine] = keep ? mod(dot[q], bias) : neg_inf();
+      sS[r * BK + j_mine] = keep ? mod(dot[q], bias) * mod.unit : neg_inf();
     }
     __syncthreads();
 

@@ -16,7 +16,7 @@
 // pipelining). Iteration i (visit i of the active key tiles, tile t_i), per warpgroup:
 //   issue  S_i = Q K_i^T                      group 1
 //   issue  O  += P_{i-1} V_{i-1}              group 2 (P_{i-1} is in registers since iteration i-1)
-//   wait for group 1 ; s2 = mods(S_i) ; m, P_i = 2^(s2 - m), alpha   (P V_{i-1} still running)
+//   wait for group 1 ; s = mods(S_i) ; m, P_i = 2^(unit (s - m)), alpha   (P V_{i-1} still running)
 //   wait for group 2 ; O *= alpha ; P_i -> the A registers of the next P V
 //                                             (O and P_{i-1} belong to the wgmma until then)
 // and after the last tile: O += P_last V_last.
@@ -106,7 +106,7 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   for (int dt = 0; dt < DA; ++dt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
-  OnlineSoftmax<1, NA, DA> softmax;
+  OnlineSoftmax<1, NA, DA> softmax(blk.score_unit());
   u32 p_prev[NA / 2][4];  // P of the previous visit, the A operand of its P V
   float (&o_regs)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
   u32 (&p_regs)[NA * 2] = reinterpret_cast<u32 (&)[NA * 2]>(p_prev);
@@ -139,9 +139,10 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     int t_last = begin_visit(0);
     wgmma_fence();
     Tiles::qk_issue(s, sQw, sK(0));
+    const bool full0 = blk.mask_rows_full(sMask(0), aux_row, lane);
     wgmma_wait<0>();
     fence_registers(s_regs);
-    blk.score_mods(s, sMask(0), sBias(0), aux_row, ahead[0], tq);
+    blk.score_mods(s, sMask(0), sBias(0), aux_row, ahead[0], tq, full0);
     softmax.update(s, alpha);
     Tiles::pack(p_prev, s);
     end_visit(t_last);
@@ -152,10 +153,11 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
       wgmma_fence();
       Tiles::qk_issue(s, sQw, sK(visit));                                    // S_i = Q K_i^T
       Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));                         // O += P_{i-1} V_{i-1}
+      const bool full = blk.mask_rows_full(sMask(visit), aux_row, lane);     // while S_i runs
       wgmma_wait<1>();
       fence_registers(s_regs);
-      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, ahead[0], tq);  // s2 = log2(e) * mods(S_i)
-      const bool moved = softmax.update(s, alpha);                           // P_i = 2^(s2 - m)
+      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, ahead[0], tq, full);  // mods(S_i)
+      const bool moved = softmax.update(s, alpha);                           // P_i = 2^(unit (s - m))
       wgmma_wait<0>();
       fence_registers(o_regs);
       fence_registers(p_regs);

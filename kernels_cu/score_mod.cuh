@@ -1,6 +1,10 @@
-// score_mod.cuh — the score transform of a visible key, in base 2 for the online softmax:
-//   s2 = log2(e) * softcap(scale * (q.k) + bias)     softcap(x) = c * tanh(x / c) when c > 0
-// Bias is clamped to kBiasFloor first, so the dtype minimum ("masked" in user code) stays finite.
+// score_mod.cuh — the score transform of a visible key, in "score units" that the softmax turns into
+// base 2 with one multiply folded into its exponent (s2 = unit * s, see softmax.cuh):
+//   no bias, no softcap   s = q.k                               unit = scale * log2(e)
+//   bias                  s = scale * (q.k) + bias              unit = log2(e)
+//   softcap               s = tanh((scale * (q.k) + bias) / c)  unit = c * log2(e)
+// so the common tiles pay nothing (no bias) or one FMA (bias) per score before the row maximum.
+// Bias arrives already raised to kBiasFloor (types.cuh), so unit * s stays finite.
 #pragma once
 #include "params.cuh"
 
@@ -8,20 +12,17 @@ namespace dmattn {
 
 template <bool BIAS, bool SOFTCAP>
 struct ScoreMod {
-  float scale_log2, cap_log2, scale_over_cap, inv_cap;
+  float scale, scale_over_cap, inv_cap, unit;
 
   __device__ __forceinline__ explicit ScoreMod(const AttnParams& a)
-      : scale_log2(a.scale_log2), cap_log2(a.softcap * kLog2e), scale_over_cap(a.scale / a.softcap),
-        inv_cap(1.f / a.softcap) {}
+      : scale(a.scale), scale_over_cap(a.scale / a.softcap), inv_cap(1.f / a.softcap),
+        unit(SOFTCAP ? a.softcap * kLog2e : BIAS ? kLog2e : a.scale_log2) {}
 
   // x = q.k of the key, bias its bias (ignored without BIAS).
   __device__ __forceinline__ float operator()(float x, float bias) const {
-    if constexpr (BIAS) {
-      const float b = fmaxf(bias, kBiasFloor);
-      return SOFTCAP ? cap_log2 * fast_tanh(fmaf(x, scale_over_cap, b * inv_cap)) : fmaf(x, scale_log2, b * kLog2e);
-    } else {
-      return SOFTCAP ? cap_log2 * fast_tanh(x * scale_over_cap) : x * scale_log2;
-    }
+    if constexpr (SOFTCAP) return fast_tanh(BIAS ? fmaf(x, scale_over_cap, bias * inv_cap) : x * scale_over_cap);
+    if constexpr (BIAS) return fmaf(x, scale, bias);
+    return x;
   }
 };
 

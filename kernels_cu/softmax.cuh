@@ -1,11 +1,17 @@
 // softmax.cuh — online softmax over the key tiles of a warp's rows, in base 2, safe at -inf.
 //
-// Scores arrive as s2 = s * log2(e) (s = the masked, capped score). For each row:
-//   m_new = max(m, max_j s2_j)            running maximum (stays -inf while every key is hidden)
-//   alpha = 2^(m - m_new)                 rescales what was summed so far
-//   p_j   = 2^(s2_j - m_new)              (m_new = -inf is replaced by 0: all p_j = 0, not NaN)
+// Scores arrive in score units s (score_mod.cuh; hidden keys -inf) with s2 = unit * s in base 2, so
+// the running maximum is taken over s and the multiply rides in each exponent's FMA. For each row:
+//   m_new = max(m, max_j s_j)             running maximum (stays -inf while every key is hidden)
+//   alpha = 2^(unit (m - m_new))          rescales what was summed so far
+//   p_j   = 2^(unit s_j - unit m_new)     (m_new = -inf is replaced by 0: all p_j = 0, not NaN)
 //   l     = l * alpha + sum_j p_j ;  O = O * alpha + P V
-// Finally O / l, and lse = (m + log2 l) * ln 2; a row with l = 0 saw no key: O = 0, lse = -inf.
+// Finally O / l, and lse = unit m ln 2 + ln l; a row with l = 0 saw no key: O = 0, lse = -inf.
+// The exponent is one FMA, unit s_j - m', with m' = unit m rounded, and alpha = 2^(m'_old - m'):
+// every term of a row shares the rounding error e of its final m' (alpha carries the earlier ones
+// over), which cancels in O / l and shifts lse by e ln 2 (|e| <= ulp(m') / 2: 2^-12 for |m'| < 4096).
+// A huge m' is only reached through the bias floor (types.cuh), a power of two: its scaled value is
+// exact, so a row made of such keys gets p = 2^0 = 1 each (uniform), never 2^(+-2^100).
 #pragma once
 #include "mma.cuh"
 
@@ -17,15 +23,16 @@ template <int MA, int NA, int DA>
 struct OnlineSoftmax {
   float row_max[MA][2];
   float row_sum[MA][2];
+  float unit;  // base-2 logarithm per score unit
 
-  __device__ __forceinline__ OnlineSoftmax() {
+  __device__ __forceinline__ explicit OnlineSoftmax(float unit_) : unit(unit_) {
 #pragma unroll
     for (int a = 0; a < MA; ++a)
 #pragma unroll
       for (int h = 0; h < 2; ++h) { row_max[a][h] = neg_inf(); row_sum[a][h] = 0.f; }
   }
 
-  // Turns s2 into p in place and sets alpha, the factor that rescales what O summed so far.
+  // Turns s into p in place and sets alpha, the factor that rescales what O summed so far.
   // Returns false when no row of the warp moved its maximum (after the first few key tiles the
   // common case): then the rescale (MA*DA*4 multiplies, as many as the tile's mma count) is
   // skipped by the whole warp. It is a separate step so that the Hopper loop can rescale O only
@@ -40,19 +47,18 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int nt = 0; nt < NA; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
         mx = quad_max(mx);
-        const float m_use = mx == neg_inf() ? 0.f : mx;
-        alpha[a][h] = fast_exp2(row_max[a][h] - m_use);
+        const float m_scaled = mx == neg_inf() ? 0.f : mx * unit;
+        alpha[a][h] = fast_exp2(row_max[a][h] * unit - m_scaled);
         moved |= mx != row_max[a][h];
         row_max[a][h] = mx;
         float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NA; ++nt) {
+        for (int nt = 0; nt < NA; ++nt)
 #pragma unroll
           for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            s[a][nt][e] = fast_exp2(s[a][nt][e] - m_use);
+            s[a][nt][e] = fast_exp2(fmaf(s[a][nt][e], unit, -m_scaled));
             sum += s[a][nt][e];
           }
-        }
         row_sum[a][h] = row_sum[a][h] * alpha[a][h] + sum;
       }
     }
@@ -74,7 +80,7 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void finish(int a, int h, float& inv_l, float& lse) const {
     const float l = quad_sum(row_sum[a][h]);
     inv_l = l > 0.f ? 1.f / l : 0.f;
-    lse = l > 0.f ? row_max[a][h] * kLn2 + logf(l) : neg_inf();
+    lse = l > 0.f ? row_max[a][h] * (unit * kLn2) + logf(l) : neg_inf();
   }
 };
 

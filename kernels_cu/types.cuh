@@ -11,6 +11,15 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Bias values are raised to this floor before they meet log2(e), so the bf16 and fp32 minima (what
+// users write for "masked") stay finite in base 2: rows of equal huge-negative scores still give a
+// uniform softmax. A power of two (-2^126), so that floor * unit is exact (softmax.cuh).
+// kBiasFloorBf16x2: the floor as two bf16 halves.
+constexpr float kBiasFloor = -8.507059173023462e37f;
+constexpr u32 kBiasFloorBf16x2 = 0xfe80fe80u;
+
 // Each element type names the mma.sync flavour and how to pack two floats into one register.
 struct fp16_t {
   static __device__ __forceinline__ u32 pack(float lo, float hi) {
@@ -23,6 +32,11 @@ struct fp16_t {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
     return f;
   }
+  // Bias values: fp16's minimum is finite in base 2, no floor needed.
+  static __device__ __forceinline__ float2 bias_pair(u32 x) {
+    return make_float2(to_float(static_cast<u16>(x & 0xffffu)), to_float(static_cast<u16>(x >> 16)));
+  }
+  static __device__ __forceinline__ float bias(u16 x) { return to_float(x); }
 };
 
 struct bf16_t {
@@ -34,6 +48,12 @@ struct bf16_t {
   static __device__ __forceinline__ float to_float(u16 x) {
     return __uint_as_float(static_cast<u32>(x) << 16);
   }
+  // Bias values: both halves raised to kBiasFloor with one packed max, then unpacked.
+  static __device__ __forceinline__ float2 bias_pair(u32 x) {
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(x) : "r"(x), "r"(kBiasFloorBf16x2));
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  }
+  static __device__ __forceinline__ float bias(u16 x) { return fmaxf(to_float(x), kBiasFloor); }
 };
 
 // Raw storage of a mask or bias element of BYTES bytes.
@@ -46,17 +66,20 @@ template <> struct Raw<2> { typedef u16 type; };
 template <> struct Raw<4> { typedef u32 type; };
 template <> struct Raw<8> { typedef u64 type; };
 
-// A bias element as float: 16-bit biases have the q/k/v element type T, 32-bit ones are float32.
-template <typename T> __device__ __forceinline__ float bias_to_float(u16 x) { return T::to_float(x); }
-template <typename T> __device__ __forceinline__ float bias_to_float(u32 x) { return __uint_as_float(x); }
+// A bias element as the float the score adds: 16-bit biases have the q/k/v element type T, 32-bit
+// ones are float32; at least kBiasFloor (see there).
+template <typename T> __device__ __forceinline__ float bias_to_float(u16 x) { return T::bias(x); }
+template <typename T> __device__ __forceinline__ float bias_to_float(u32 x) {
+  return fmaxf(__uint_as_float(x), kBiasFloor);
+}
 
 // Two neighbouring bias elements (keys 2c, 2c + 1) as floats, in one shared-memory load.
 template <typename T> __device__ __forceinline__ float2 bias_pair(const u16* row, int c) {
-  const u32 x = reinterpret_cast<const u32*>(row)[c];
-  return make_float2(T::to_float(static_cast<u16>(x & 0xffffu)), T::to_float(static_cast<u16>(x >> 16)));
+  return T::bias_pair(reinterpret_cast<const u32*>(row)[c]);
 }
 template <typename T> __device__ __forceinline__ float2 bias_pair(const u32* row, int c) {
-  return reinterpret_cast<const float2*>(row)[c];
+  const float2 x = reinterpret_cast<const float2*>(row)[c];
+  return make_float2(fmaxf(x.x, kBiasFloor), fmaxf(x.y, kBiasFloor));
 }
 
 // A mask element is "keep" when any bit other than a float sign bit is set: bool/uint8/int8 (1 byte),
@@ -89,6 +112,16 @@ template <int BYTES> __device__ __forceinline__ bool chunk_any_keep(uint4 c) {
   return ((c.x & m) | (c.y & m) | (c.z & m) | (c.w & m)) != 0u;
 }
 
+// Nonzero when some byte of a 16-byte chunk of a bool/uint8 mask is zero ("hidden"), by the borrow
+// trick: (w - 0x01010101) & ~w & 0x80808080 is nonzero exactly when w has a zero byte.
+__device__ __forceinline__ u32 chunk_zero_bytes(uint4 c) {
+  const u32 w[4] = {c.x, c.y, c.z, c.w};
+  u32 zero = 0u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) zero |= (w[i] - 0x01010101u) & ~w[i] & 0x80808080u;
+  return zero;
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // 2^x on the special-function unit; 2^-inf = +0.
@@ -104,10 +137,5 @@ __device__ __forceinline__ float fast_tanh(float x) {
   return 1.f - __fdividef(2.f, fast_exp2(x * 2.8853900817779268f) + 1.f);
 }
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-// Bias values are clamped here before the log2(e) fold, so the dtype minimum (what users write for
-// "masked") stays finite: rows of equal huge-negative scores still give a uniform softmax.
-constexpr float kBiasFloor = -1.0e38f;
 
 }  // namespace dmattn

@@ -55,9 +55,9 @@ def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None)
     assert err <= TOL[numpy.dtype(q.dtype).name], f"out relative error {err:.2e}"
     finite = cupy.isfinite(want_lse)
     assert bool((cupy.isfinite(lse) == finite).all()), "lse = -inf exactly on rows with no visible key"
-    # Bias below -1e38 is clamped to -1e38 (kernels_cu/types.cuh, kBiasFloor) so that scores stay
-    # finite in base 2: rows made only of such keys keep their softmax (uniform) and report an lse
-    # at that floor instead of at -3.4e38.
+    # bf16/fp32 bias below -2^126 is raised to -2^126 (kernels_cu/types.cuh, kBiasFloor) so that
+    # scores stay finite in base 2: rows made only of such keys keep their softmax (uniform) and
+    # report an lse at that floor instead of at -3.4e38.
     ordinary = finite & (want_lse > -1e37)
     assert bool((lse[finite & ~ordinary] <= -1e37).all())
     if bool(ordinary.any()):
@@ -164,6 +164,22 @@ def test_decode_long_keys_split(mma_path):
     Sk = 131_072
     q, k, v, mask, bias = make_inputs(1, 3, Sk, 4, 2, 80, "float16", (1, 2, 1, Sk), (1, 2, 1, Sk), density=0.02)
     check_forward(q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_block_mask_whole_tiles(D, mma_path):
+    """Block-structured masks: a warp whose mask rows of a tile are all "keep" skips the
+    per-element mask test (fwd_block.cuh, mask_rows_full); isolated hidden keys inside otherwise
+    kept blocks must still be hidden; an all-ones mask takes the skip everywhere."""
+    S, blk = 700, 128
+    q, k, v, _, bias = make_inputs(2, S, S, 4, 2, D, "bfloat16", None, (2, 2, S, S))
+    nb = -(-S // blk)
+    blocks = cupy.random.random((2, 2, nb, nb)) < 0.5
+    mask = cupy.repeat(cupy.repeat(blocks, blk, axis=2), blk, axis=3)[:, :, :S, :S]
+    check_forward(q, k, v, mask, bias, causal=True)
+    mask[:, :, 5::97, 3::61] = False  # a hidden key in some kept blocks
+    check_forward(q, k, v, mask, bias, causal=True)
+    check_forward(q, k, v, cupy.ones((2, 2, S, S), dtype=bool), bias)
 
 
 def test_skipping_follows_the_mask(mma_path):
