@@ -89,28 +89,6 @@ struct BwdSmem {
   static constexpr int kFixed = kScalars + kScalarBytes;  // then sDb / sColSum, sBits
 };
 
-// n / d and n % d for 0 <= n < 2^31 by a divisor d >= 1 known only at run time, without the
-// ~20-instruction integer division (the pair index -> (query tile, head) of every step): the
-// quotient is umulhi(n, mul) >> shift with mul = ceil(2^(31 + l) / d), l = ceil(log2 d)
-// (Granlund and Montgomery; d = 1 passes n through).
-struct FastDivmod {
-  int d;
-  u32 mul;
-  int shift;
-  __device__ explicit FastDivmod(int divisor) : d(divisor), mul(0), shift(0) {
-    int l = 0;
-    while ((1 << l) < d) ++l;
-    if (d > 1) {
-      mul = static_cast<u32>(((1ull << (31 + l)) + d - 1) / d);
-      shift = l - 1;
-    }
-  }
-  __device__ __forceinline__ int div(int n) const {
-    return d == 1 ? n : static_cast<int>(__umulhi(static_cast<u32>(n), mul) >> shift);
-  }
-  __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
-};
-
 // Per-CTA values the backward's step reads from shared memory after a barrier, rather than holding
 // them in registers through the whole loop (D = 128 uses all 255).
 struct BwdScalars {

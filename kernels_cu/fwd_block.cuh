@@ -25,7 +25,7 @@ struct FwdBlock {
 
   const FwdParams& p;
   const AttnParams& a;
-  int seq_rows, m0, b, h0, split;
+  int seq_rows, m0, b, h0, split;  // seq_rows = BLOCK_M / pack, a power of two
   int t_begin, t_end;  // key tiles of this split that the causal limit leaves
   const u16* q;
   const u16* k;
@@ -76,13 +76,17 @@ struct FwdBlock {
   }
 
   // ---- copies (cp.async; rows outside the problem are zero-filled). Tiles: the smem layout policy.
+  // Tile row r -> (head h0 + (r >> seq_shift()), sequence row m0 + (r & (seq_rows - 1))).
+  __device__ __forceinline__ int seq_shift() const { return __ffs(seq_rows) - 1; }
+
   template <typename Tiles>
   __device__ __forceinline__ void load_q(u16* sQ) const {
+    const int shift = seq_shift();
     load_rows<HEAD_DIM, BLOCK_M, kThreads, typename Tiles::template Layout<BLOCK_M>>(
         sQ, a.head_dim, a.q, [&](int r) -> const u16* {
-          const int row = m0 + r % seq_rows;
+          const int row = m0 + (r & (seq_rows - 1));
           return row < a.seqlen_q
-              ? q + static_cast<i64>(row) * a.q_stride[1] + static_cast<i64>(h0 + r / seq_rows) * a.q_stride[2]
+              ? q + static_cast<i64>(row) * a.q_stride[1] + static_cast<i64>(h0 + (r >> shift)) * a.q_stride[2]
               : nullptr;
         });
   }
@@ -202,8 +206,8 @@ struct FwdBlock {
         float inv_l, lse;
         softmax.finish(at, h, inv_l, lse);
         const int tile_row = warp_row0 + at * 16 + g + 8 * h;
-        const int row = m0 + tile_row % seq_rows;
-        const int head = h0 + tile_row / seq_rows;
+        const int row = m0 + (tile_row & (seq_rows - 1));
+        const int head = h0 + (tile_row >> seq_shift());
         if (row >= a.seqlen_q) continue;
         const i64 bh = static_cast<i64>(b) * a.heads + head;
         if (p.num_splits == 1) {

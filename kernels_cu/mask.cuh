@@ -35,6 +35,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
   const int causal_shift = stride[2] == 0 ? rows - 1 : 0;
   if (stride[2] == 0) rows = 1;
   const int items = rows * tiles;
+  const FastDivmod by_tiles(max(tiles, 1));  // item -> (row, tile)
 #pragma unroll 1
   for (int first = threadIdx.x; first < items; first += THREADS * kBatch) {
     bool keep[kBatch];
@@ -43,7 +44,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int item = first + u * THREADS;
-        const int r = item / tiles, t = item % tiles;
+        const int r = by_tiles.div(item), t = item - r * tiles;
         const int row = row0 + r, key0 = (tile_begin + t) * BLOCK_N;
         const int key_end = CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k;
         const bool live = item < items && !(bits[t >> 5] & (1u << (t & 31)));
@@ -63,7 +64,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int item = first + u * THREADS;
-        const int r = item / tiles, t = item % tiles;
+        const int r = by_tiles.div(item), t = item - r * tiles;
         const int row = row0 + r, key0 = (tile_begin + t) * BLOCK_N;
         const int key_end = CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k;
         const E* g = reinterpret_cast<const E*>(base) + static_cast<i64>(row) * stride[2];
@@ -75,7 +76,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int t = (first + u * THREADS) % tiles;
+      const int t = by_tiles.mod(first + u * THREADS);
       if (keep[u]) atomicOr(&bits[t >> 5], 1u << (t & 31));
     }
   }

@@ -122,6 +122,28 @@ __device__ __forceinline__ u32 chunk_zero_bytes(uint4 c) {
   return zero;
 }
 
+// n / d and n % d for 0 <= n < 2^31 by a divisor d >= 1 known only at run time, without the
+// ~20-instruction integer division (per-item and per-step index math in the scans and loops): the
+// quotient is umulhi(n, mul) >> shift with mul = ceil(2^(31 + l) / d), l = ceil(log2 d)
+// (Granlund and Montgomery; d = 1 passes n through).
+struct FastDivmod {
+  int d;
+  u32 mul;
+  int shift;
+  __device__ explicit FastDivmod(int divisor) : d(divisor), mul(0), shift(0) {
+    int l = 0;
+    while ((1 << l) < d) ++l;
+    if (d > 1) {
+      mul = static_cast<u32>(((1ull << (31 + l)) + d - 1) / d);
+      shift = l - 1;
+    }
+  }
+  __device__ __forceinline__ int div(int n) const {
+    return d == 1 ? n : static_cast<int>(__umulhi(static_cast<u32>(n), mul) >> shift);
+  }
+  __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
+};
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // 2^x on the special-function unit; 2^-inf = +0.
