@@ -18,8 +18,9 @@ __device__ __forceinline__ int visible_key_end(int row_last, int seqlen_q, int s
 // granularity: conservative). `bits` must be zeroed and the result is visible after a barrier.
 // Work item = (row, tile): the tile's row segment, BLOCK_N * ELEM contiguous bytes; neighbouring
 // threads take neighbouring tiles of one row, so a warp streams a contiguous span. Each thread
-// issues the loads of kBatch items before testing any (the scan is bound by memory latency), and
-// skips items whose tile an earlier row already marked (dense masks then read about one row).
+// issues the loads of kBatch items (512 bytes) before testing any: the scan is bound by memory
+// latency, one round trip per pass, and a sparse mask's CTA reads every row of its empty tiles. It
+// skips items whose tile an earlier pass already marked (dense masks then read a few rows).
 template <int ELEM, int BLOCK_N, int THREADS, bool CAUSAL>
 __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 (&stride)[4],
                                 int row0, int rows, int tile_begin, int tile_end, int seqlen_q,
@@ -27,7 +28,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
   typedef typename Raw<ELEM>::type E;
   constexpr int kPerChunk = 16 / ELEM;
   constexpr int kChunks = BLOCK_N / kPerChunk;
-  constexpr int kBatch = kChunks >= 16 ? 1 : 16 / kChunks;
+  constexpr int kBatch = kChunks >= 32 ? 1 : 32 / kChunks;
   const int tiles = tile_end - tile_begin;
   rows = min(rows, seqlen_q - row0);
   // A mask broadcast over rows has one distinct row: scan it once, under the causal limit of the
