@@ -159,5 +159,4 @@ __device__ __forceinline__ float fast_tanh(float x) {
   return 1.f - __fdividef(2.f, fast_exp2(x * 2.8853900817779268f) + 1.f);
 }
 
-
 }  // namespace dmattn
