@@ -25,8 +25,9 @@
 //   dV += P^T dO, dK += dS^T Q            register accumulators (wgmma: in flight until dQ's wait)
 //   dS^T -> shared memory (as T)          then dQ = dS K, warps tiled over rows x columns, added
 //                                         to dq_accum from registers (sm_90: red.v2.f32)
-// dbias: dS (fp32) summed in shared memory (sDb) over the heads of the group that share a dbias
-// head, flushed (flush_dbias: 16-byte stores) after the query tile's last head; or into per-head
+// dbias: dS (fp32) summed over the heads of the group that share a dbias head, in shared memory
+// (sDb), or where registers allow (BwdTraits::kRegisterRoom) in registers, stored into sDb once
+// at the query tile's last head; flushed (flush_dbias: 16-byte stores) after it; or into per-head
 // column sums (sColSum) when the bias broadcasts over rows; fp32 atomics into dbias_accum when CTAs
 // of several batches / kv heads share a dbias element. A dbias with one writer per element is not
 // zeroed by the host: each CTA writes zeros into the tiles of its strip that it skips (causal rows
@@ -53,14 +54,17 @@
 // mask bits: D = 64 (mma.sync or wgmma, 64 rows) 180 / 166 KB; D = 128: mma.sync 32 rows 159 KB,
 // wgmma 64 rows 231.6 KB (unpadded swizzled tiles; padded rows would need 245 KB).
 // Copies per step: the first half of the CTA copies Q and the mask, the second dO and the bias,
-// 64 threads the row stats (cp.async, double-buffered: the next pair's during this one).
+// 64 threads the row stats (cp.async, double-buffered: the next pair's during this one). Mask and
+// bias tiles shared by the group's heads (neither has a head per query head) are copied once per
+// query tile, at its first pair, and read by its other pairs.
 // Barriers per pair: (A) the pair's buffer has landed and every warp is done with the previous pair
 // (its buffer, sdS and sDb may be overwritten: the next pair's copies start here); (B) sdS and sDb
 // are complete. Deterministic mode with a shared dbias adds one after a query tile's dbias flush.
 //
 // Deterministic mode (bwd_tiles.cuh, turn_wait): every dq_accum tile (b, h, m, dQ warp tile) takes
 // its adds in key-tile order: warp w of key tile n adds after the bits of key tiles 0..n-1 are set
-// (each warp waits and publishes on its own, with no CTA barrier). A CTA sets the bits of the
+// (each warp waits on its own, with no CTA barrier, and publishes its adds in the next step, after
+// barrier (A): by then they have drained, so the fence costs the warp nothing). A CTA sets the bits of the
 // pairs it skips at its start. All CTAs walk the query tiles downwards, so the key tile n - 1,
 // launched before n, normally arrives at a tile first and n rarely waits. dbias_accum tiles shared
 // by several (b, hk) CTAs of one key tile are added in (b, hk) order likewise, per query tile.
@@ -82,11 +86,11 @@ __device__ __forceinline__ void store_dbias(const BwdParams& p, i64 off, float x
   }
 }
 
-// Writes a query tile's dbias (sDb: BM x BN fp32, complete) and zeroes sDb for the next tile. Eight
-// keys per thread and iteration: two 16-byte shared loads and one 16-byte store in the bias dtype
-// (or 8-byte fp32 reductions into dbias_accum); a group cut by the end of the keys, or a dbias
-// whose rows are not 16-byte aligned (`vec` false), goes element by element.
-template <typename T, int BIAS_BYTES, int BM, int BN, int NT, int DBST>
+// Writes a query tile's dbias (sDb: BM x BN fp32, complete) and, when the next tile adds into it
+// (ZERO), zeroes sDb. Eight keys per thread and iteration: two 16-byte shared loads and one 16-byte
+// store in the bias dtype (or 8-byte fp32 reductions into dbias_accum); a group cut by the end of
+// the keys, or a dbias whose rows are not 16-byte aligned (`vec` false), goes element by element.
+template <typename T, int BIAS_BYTES, int BM, int BN, int NT, int DBST, bool ZERO>
 __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 base, int m0, int n0, bool atomic,
                                             bool vec) {
   constexpr int kGroups = BN / 8;
@@ -96,7 +100,7 @@ __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 
     const int row = m0 + r, key = n0 + c;
     float4* src = reinterpret_cast<float4*>(sDb + r * DBST + c);
     const float4 lo = src[0], hi = src[1];
-    src[0] = src[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ZERO) src[0] = src[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row >= p.a.seqlen_q) continue;
     const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
     const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
@@ -147,12 +151,15 @@ __device__ __forceinline__ void zero_dbias_rows(const BwdParams& p, i64 base, in
 //   kNoDbias       nothing (no bias, or another head-dim part writes it)
 //   kDbiasTile     sDb[row][key] += dS (summed over the heads that share a dbias head; each
 //                  element belongs to one lane: no race)
+//   kDbiasRegs     db = dS (fresh: the first head since the last flush) or db + dS, this lane's
+//                  elements in registers (store_db_tile writes them into sDb before a flush)
 //   kDbiasColumns  col0, col1 += dS over this lane's rows (keys key0, key0 + 8; a row-broadcast bias)
-enum { kNoDbias, kDbiasTile, kDbiasColumns };
+enum { kNoDbias, kDbiasTile, kDbiasRegs, kDbiasColumns };
 template <int DBIAS, typename T, bool SOFTCAP, int DBST, int NA, int NT>
 __device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (&dp)[NA][4], const float (&th)[NT][4],
                                           const float* stats, float* sDb, int key0, int row0, u32 (&p_t)[NA][2],
-                                          u32 (&ds_t)[NA][2], float& col0, float& col1) {
+                                          u32 (&ds_t)[NA][2], float (&db)[NA][4], bool fresh, float& col0,
+                                          float& col1) {
 #pragma unroll
   for (int nt = 0; nt < NA; ++nt) {
     float ds[4];
@@ -162,6 +169,7 @@ __device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (
       ds[e] = s[nt][e] * (dp[nt][e] - stats[2 * r + 1]);
       if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
       if constexpr (DBIAS == kDbiasTile) sDb[r * DBST + key0 + (e >= 2 ? 8 : 0)] += ds[e];
+      if constexpr (DBIAS == kDbiasRegs) db[nt][e] = fresh ? ds[e] : db[nt][e] + ds[e];
     }
     if constexpr (DBIAS == kDbiasColumns) {
       col0 += ds[0] + ds[1];
@@ -174,14 +182,39 @@ __device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (
   }
 }
 
+// kDbiasRegs: this lane's dbias sums into sDb (the same elements gradients() would add there).
+template <int DBST, int NA>
+__device__ __forceinline__ void store_db_tile(float* sDb, const float (&db)[NA][4], int key0, int row0) {
+#pragma unroll
+  for (int nt = 0; nt < NA; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sDb[(nt * 8 + row0 + (e & 1)) * DBST + key0 + (e >= 2 ? 8 : 0)] = db[nt][e];
+}
+
+// A 2-byte bias's values at this lane's elements, transposed on the way by ldmatrix (one load per
+// 32 values instead of one per value): x4 load q reads the 8 x 8 matrices i = 0..3 of rows
+// (2q + i / 2) * 8.. and keys key_w + 8 (i % 2).. (lane l addresses row l % 8 of matrix l / 8) and
+// leaves in b[2q + i / 2][i % 2] the pair (rows 2tq, 2tq + 1) of key g: the S^T fragment's layout.
+template <typename Rows, int NA>
+__device__ __forceinline__ void bias_fragments(u32 (&b)[NA][2], const unsigned char* sBias, int key_w, int lane) {
+  const int i = lane / 8;
+  const u32 base = smem_u32(sBias + Rows::chunk_offset((i / 2) * 8 + lane % 8, key_w / 8 + i % 2));
+#pragma unroll
+  for (int q = 0; q < NA / 2; ++q)
+    ldmatrix_x4_trans(reinterpret_cast<u32 (&)[4]>(b[2 * q]), base + q * 16 * Rows::kRowBytes);
+}
+
 // P^T = 2^(s2 - lse2) in place of S^T for one step: s2 = log2(e) * mask(softcap(scale * s + bias)),
 // hidden positions 0. This lane holds keys key0, key0 + 8 of the tile and rows row0, row0 + 1 of
 // each 8-row column tile (bwd_mma.cuh). Only the last key tile and tiles on the causal diagonal
 // check bounds (EDGE): the other copy has no index math or selects per element.
-template <bool EDGE, typename T, typename Sm, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP, int NA, int NT>
+// FRAG_BIAS: a 2-byte bias read by bias_fragments (registers permitting), else value by value.
+template <bool EDGE, typename T, typename Sm, int MASK_BYTES, int BIAS_BYTES, bool FRAG_BIAS, bool CAUSAL, bool SOFTCAP,
+          int NA, int NT>
 __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT][4], const unsigned char* sMask,
                                               const unsigned char* sBias, const float* stats, const AttnParams& a,
-                                              int key0, int row0, int n0, int m0) {
+                                              int key_w, int lane, int n0, int m0) {
+  const int key0 = key_w + lane / 4, row0 = 2 * (lane % 4);
   typedef typename Raw<MASK_BYTES ? MASK_BYTES : 1>::type MaskRaw;
   typedef typename Raw<BIAS_BYTES ? BIAS_BYTES : 2>::type BiasRaw;
   const float cap_log2 = a.softcap * kLog2e, scale_over_cap = a.scale / a.softcap;
@@ -189,6 +222,8 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
   // Offsets of this lane's elements in column tile 0, [key half][row]: tile nt is 8 rows further,
   // which keeps the swizzle phase, so every other element is a constant offset from these.
   int mask_off[2][2], bias_off[2][2];
+  [[maybe_unused]] u32 bias2[FRAG_BIAS ? NA : 1][2];
+  if constexpr (FRAG_BIAS) bias_fragments<typename Sm::BiasRows>(bias2, sBias, key_w, lane);
 #pragma unroll
   for (int hk = 0; hk < 2; ++hk)
 #pragma unroll
@@ -203,9 +238,13 @@ __device__ __forceinline__ void probabilities(float (&s)[NA][4], float (&th)[NT]
       const int hk = e >> 1, j = e & 1;
       const int r = nt * 8 + row0 + j;  // row in the query tile
       float bval = 0.f;
-      if constexpr (BIAS_BYTES > 0)
+      if constexpr (FRAG_BIAS) {
+        const float2 pair = T::bias_pair(bias2[nt][hk]);
+        bval = j ? pair.y : pair.x;
+      } else if constexpr (BIAS_BYTES > 0) {
         bval = bias_to_float<T>(*reinterpret_cast<const BiasRaw*>(
             sBias + bias_off[hk][j] + nt * 8 * Sm::BiasRows::kRowBytes));
+      }
       // x = s2 - lse2, the exponent of P
       float x;
       if constexpr (SOFTCAP) {
@@ -275,6 +314,11 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   // The mask differs between the heads of the group only when it has one head per query head.
   const bool mask_per_head = MASK_BYTES > 0 && G > 1 && a.mask_head_div == 1 && a.mask_stride[1] != 0;
   const int mask_slots = mask_per_head ? G : 1;
+  // Otherwise, and unless the bias has one head per query head, the group's heads read the same
+  // mask and bias tiles: a query tile's first pair copies them and the other heads reuse them
+  // (slot: the parity of the query tiles visited), a G-th of the copies.
+  const bool bias_per_head = BIAS_BYTES > 0 && G > 1 && a.bias_head_div == 1 && a.bias_stride[1] != 0;
+  const bool aux_per_pair = G == 1 || mask_per_head || bias_per_head;
 
   // Batch b's q, dout, mask, bias and the query head -> mask, bias, dbias head divisions: kept in
   // shared memory, where the step reads them after its barrier, rather than in 17 of the 255
@@ -356,7 +400,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   }
 
   // ---- tile copies
-  auto load_pair = [&](int pr, int bi) {
+  auto load_pair = [&](int pr, int bi, int aux_bi) {  // aux_bi < 0: the mask and bias tiles are in place
     const int m = by_group.div(pr), m0 = m * BM, h = h_first + pr - m * G;
     const u16* q = reinterpret_cast<const u16*>(sc.batch[0]);
     const u16* dout = reinterpret_cast<const u16*>(sc.batch[1]);
@@ -374,15 +418,15 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
           sdO(bi), dout + static_cast<i64>(m0) * p.do_stride[1] + static_cast<i64>(h) * p.do_stride[2],
           p.do_stride[1], Sq - m0, a.head_dim, tid);
     if constexpr (MASK_BYTES > 0)
-      if (first)
+      if (first && aux_bi >= 0)
         load_aux_tile<MASK_BYTES, BN, CT, Mma::kSwizzledAux>(
-            sMask(bi), sc.batch[2] + sc.head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0, BM,
-            n0, Sq, Sk, a.mask_vec, tid);
+            sMask(aux_bi), sc.batch[2] + sc.head_div[0].div(h) * a.mask_stride[1] * MASK_BYTES, a.mask_stride, m0,
+            BM, n0, Sq, Sk, a.mask_vec, tid);
     if constexpr (BIAS_BYTES > 0)
-      if (second)
+      if (second && aux_bi >= 0)
         load_aux_tile<BIAS_BYTES, BN, CT, Mma::kSwizzledAux>(
-            sBias(bi), sc.batch[3] + sc.head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0, BM,
-            n0, Sq, Sk, a.bias_vec, tid);
+            sBias(aux_bi), sc.batch[3] + sc.head_div[1].div(h) * a.bias_stride[1] * BIAS_BYTES, a.bias_stride, m0,
+            BM, n0, Sq, Sk, a.bias_vec, tid);
     // {lse2, D} of each row (rows past Sq: zeros, with zero dO, so dS = 0 there)
     if (threadIdx.x < BM) {
       const int row = m0 + threadIdx.x;
@@ -398,7 +442,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   load_strided_rows<HEAD_DIM, BN, NT, typename Mma::template Layout<BN>>(
       sV, v + static_cast<i64>(n0) * a.v_stride[1], a.v_stride[1], Sk - n0, a.head_dim);
   int pr = next_pair(p_hi - 1);
-  if (pr >= p_lo) load_pair(pr, 0);
+  if (pr >= p_lo) load_pair(pr, 0, 0);
   cp_async_commit();
   if (BIAS_BYTES > 0) {
     const int n_db = rows_reduced ? G * BN : BM * DBST;
@@ -436,16 +480,31 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) { acc_dk[o][e] = 0.f; acc_dv[o][e] = 0.f; }
   int steps = 0;  // pairs computed; the pair's buffer is steps % 2
+  int tiles_seen = 0;  // query tiles finished before this pair's (shared mask/bias tiles: their slot)
+  float db[NA][4];  // kRegisterRoom: this lane's dS summed since the last flush (fresh: none yet)
+  bool db_fresh = true;
+  // Deterministic mode: the pair whose dQ adds this warp made in the previous step and has not
+  // published yet (-1: none). Its turn is marked once the next step's products are issued, when
+  // the adds have drained, so the fence does not hold the warp (bwd_tiles.cuh, turn_done).
+  int unpublished = -1;
+  auto publish = [&] {
+    if (lane == 0) {
+      const int mu = by_group.div(unpublished);
+      turn_done(dq_turns(h_first + unpublished - mu * G, mu, warp), n_tile);
+    }
+    unpublished = -1;
+  };
 
   while (pr >= p_lo) {
     const int m = by_group.div(pr), hs = pr - m * G, h = h_first + hs, m0 = m * BM;
     const int buf = steps & 1;
     const int pn = next_pair(pr - 1);
     const bool last_of_m = pn < p_lo || by_group.div(pn) != m;
+    const int aux = aux_per_pair ? buf : tiles_seen & 1;  // this pair's mask and bias slot
     cp_async_wait<0>();
     Mma::copies_visible();
     __syncthreads();  // (A)
-    if (pn >= p_lo) load_pair(pn, buf ^ 1);
+    if (pn >= p_lo) load_pair(pn, buf ^ 1, aux_per_pair || last_of_m ? aux ^ 1 : -1);
     cp_async_commit();
     const u16* q_s = sQ(buf);
     const u16* do_s = sdO(buf);
@@ -454,27 +513,33 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     // S^T = K Q^T, dP^T = V dO^T (keys x rows)
     float s[NA][4], dp[NA][4];
     Mma::sdp_issue(s, dp, sK, sV, q_s, do_s, key_w, lane);
+    if (unpublished >= 0) publish();  // barrier (A) ordered the other lanes' adds before lane 0's fence
 
     // P = 2^(s2 - lse2) in s, once S^T is complete (wgmma: while dP^T computes)
     [[maybe_unused]] float th[SOFTCAP ? NA : 1][4];  // softcap: tanh of each score, for its derivative
+    constexpr bool kFragBias = BIAS_BYTES == 2 && Tr::kRegisterRoom;
     Mma::wait_s(s);
     if (n0 + BN > Sk || (CAUSAL && n0 + BN - 1 > m0 + Sk - Sq))
-      probabilities<true, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), stats, a,
-                                                                          key_w + g, 2 * tq, n0, m0);
+      probabilities<true, T, Sm, MASK_BYTES, BIAS_BYTES, kFragBias, CAUSAL, SOFTCAP>(
+          s, th, sMask(aux), sBias(aux), stats, a, key_w, lane, n0, m0);
     else
-      probabilities<false, T, Sm, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP>(s, th, sMask(buf), sBias(buf), stats, a,
-                                                                           key_w + g, 2 * tq, n0, m0);
+      probabilities<false, T, Sm, MASK_BYTES, BIAS_BYTES, kFragBias, CAUSAL, SOFTCAP>(
+          s, th, sMask(aux), sBias(aux), stats, a, key_w, lane, n0, m0);
 
     // dS = P (dP - D) [* (1 - tanh^2)] ; dbias += dS (fp32) ; P^T, dS^T packed (bwd_mma.cuh)
     Mma::wait_dp(dp);
     u32 p_t[NA][2], ds_t[NA][2];
     float col0 = 0.f, col1 = 0.f;  // row-broadcast bias: this lane's dS summed over its rows
+    constexpr int kTileDbias = Tr::kRegisterRoom ? kDbiasRegs : kDbiasTile;
     if (!do_dbias)
-      gradients<kNoDbias, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
+      gradients<kNoDbias, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, db, db_fresh, col0,
+                                            col1);
     else if (rows_reduced)
-      gradients<kDbiasColumns, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
+      gradients<kDbiasColumns, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, db, db_fresh,
+                                                 col0, col1);
     else
-      gradients<kDbiasTile, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, col0, col1);
+      gradients<kTileDbias, T, SOFTCAP, DBST>(s, dp, th, stats, sDb, key_w + g, 2 * tq, p_t, ds_t, db, db_fresh,
+                                              col0, col1);
 
     // dV += P^T dO ; dK += dS^T Q (P^T, dS^T from registers as A operands) ; dS^T for dQ
     Mma::dkdv_issue(acc_dk, acc_dv, p_t, ds_t, q_s, do_s, d0, lane);
@@ -495,6 +560,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
         }
       } else {
         flush_db = p.dbias_head_div == 1 || last_of_m;
+        if (Tr::kRegisterRoom && flush_db) store_db_tile<DBST>(sDb, db, key_w + g, 2 * tq);
+        db_fresh = flush_db;
       }
     }
 
@@ -503,41 +570,43 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     if (db_per_m && threadIdx.x == 0 && next_pair(m * G + G - 1) == pr) turn_wait(db_turns(m), db_turn);
     __syncthreads();  // (B)
 
+    // dbias tile from sDb (complete after (B)): write in the bias dtype, or fp32 add (shared cells);
+    // sDb is zeroed for the next query tile (whose adds start after the next (A)) unless dbias sums
+    // in registers. With registers to spare, while the dQ product computes; else after it.
+    auto flush = [&] {
+      if (flush_db)
+        flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST, !Tr::kRegisterRoom>(p, sDb, dbias_base(h), m0, n0, db_atomic,
+                                                                         db_vec);
+    };
+    const bool dq_warp = Tr::kDqWarps == Tr::kWarps || warp < Tr::kDqWarps;  // uniform unless D = 96
     // dQ += dS K (unscaled; bwd_convert_dq_kernel multiplies by scale): this warp's 16 rows x
     // kDqCols columns, reduced into dq_accum (deterministic: in key-tile order, bwd_tiles.cuh)
-    if (Tr::kDqWarps == Tr::kWarps || warp < Tr::kDqWarps) {  // uniform unless D = 96 (wgmma: always)
+    if (dq_warp) {
       const int wm = warp % Tr::kDqWarpsM, wd = warp / Tr::kDqWarpsM;
       const int c0 = d0 + wd * Tr::kDqCols;
       float acc_dq[QA][4];
-      Mma::dq(acc_dq, sdS, sK, wm, c0, lane, acc_dk, acc_dv, p_t, ds_t);
+      Mma::dq(acc_dq, sdS, sK, wm, c0, lane, acc_dk, acc_dv, p_t, ds_t, [&] {
+        if constexpr (Tr::kRegisterRoom) flush();
+      });
       u32* turns = det ? dq_turns(h, m, warp) : nullptr;
       if (det) {
         if (lane == 0) turn_wait(turns, n_tile);
         __syncwarp();
       }
-      // this lane's first element: row0, column c0 + 2 tq; the others are constant offsets from it
-      const int row0 = m0 + wm * 16 + g, d_left = a.head_dim - c0 - 2 * tq;
-      float* dqa = p.dq_accum + ((static_cast<i64>(b) * a.heads + h) * Sq + row0) * a.head_dim + c0 + 2 * tq;
+      // this lane's first element: row r = wm * 16 + g of the tile, column c0 + 2 tq; the others are
+      // constant offsets from it (predicated adds: rows past Sq, columns past the head dim)
+      const int r = wm * 16 + g, d_left = a.head_dim - c0 - 2 * tq;
+      float* dqa = p.dq_accum + (static_cast<i64>(b * a.heads + h) * Sq + m0) * a.head_dim + r * a.head_dim + c0 +
+                   2 * tq;
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        if (row0 + 8 * hh >= Sq) continue;
+      for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
         for (int o = 0; o < QA; ++o)
-          if (o * 8 < d_left) red_add_f32x2(dqa + o * 8, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1]);
-        dqa += 8 * a.head_dim;
-      }
-      if (det) {
-        __threadfence();  // each lane publishes its own adds
-        __syncwarp();
-        if (lane == 0) turn_mark(turns, n_tile);
-      }
+          red_add_f32x2(dqa + hh * 8 * a.head_dim + o * 8, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1],
+                        m0 + r + 8 * hh < Sq && o * 8 < d_left);
+      if (det) unpublished = pr;
     }
-
-    // dbias tile from sDb (complete after (B)): write in the bias dtype, or fp32 add (shared cells);
-    // sDb is zeroed for the next query tile (whose adds start after the next (A)).
-    if (flush_db) {
-      flush_dbias<T, BIAS_BYTES, BM, BN, NT, DBST>(p, sDb, dbias_base(h), m0, n0, db_atomic, db_vec);
-    }
+    if (!Tr::kRegisterRoom || !dq_warp) flush();
     if (db_per_m && last_of_m) {  // uniform: every thread has flushed its part of tile m
       __threadfence();
       __syncthreads();
@@ -546,9 +615,11 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
 
     pr = pn;
     ++steps;
+    tiles_seen += last_of_m;
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp's adds are done; sColSum is complete
+  if (unpublished >= 0) publish();
 
   // ---- dbias of a row-broadcast bias: one column sum per (head slot, key); never chunked
   if (rows_reduced && do_dbias) {

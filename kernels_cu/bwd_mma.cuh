@@ -11,8 +11,9 @@
 //   wait_dp     dP^T is complete
 //   dkdv_issue  dV += P^T dO, dK += dS^T Q, P^T and dS^T from registers (wgmma: left in flight)
 //   store_ds    dS^T -> sdS, the operand of dQ = dS K
-//   dq          this warp's dQ tile (16 rows x kDqCols, the Traits' tiling); on return every
-//               product of the step is complete and its registers free
+//   dq          this warp's dQ tile (16 rows x kDqCols, the Traits' tiling), running the caller's
+//               `between` meanwhile (wgmma); on return every product of the step is complete and
+//               its registers free
 // Register fragments, per 8-row column tile nt of the step: s[nt][e], e = {(key g, row 2tq),
 // (g, 2tq + 1), (g + 8, 2tq), (g + 8, 2tq + 1)} (mma.cuh's C layout); P^T, dS^T packed as
 // p_t[nt][0] = (key g, rows 2tq, 2tq + 1), p_t[nt][1] = key g + 8, which, read as u32[NA / 2][4],
@@ -97,10 +98,13 @@ struct BwdMmaSync {
     }
   }
 
-  // Rows 16 wm.., columns c0..c0 + kDqCols. The other arguments: what wgmma keeps in flight.
+  // Rows 16 wm.., columns c0..c0 + kDqCols; `between` runs while the product computes (wgmma) or
+  // before it. The other arguments: what wgmma keeps in flight.
+  template <typename Between>
   static __device__ __forceinline__ void dq(float (&acc)[QA][4], const u16* sdS, const u16* sK, int wm, int c0,
                                             int lane, float (&)[OA][4], float (&)[OA][4], u32 (&)[NA][2],
-                                            u32 (&)[NA][2]) {
+                                            u32 (&)[NA][2], Between&& between) {
+    between();
 #pragma unroll
     for (int o = 0; o < QA; ++o)
 #pragma unroll
@@ -176,9 +180,10 @@ struct BwdWgmma {
     }
   }
 
+  template <typename Between>
   static __device__ __forceinline__ void dq(float (&acc)[QA][4], const u16* sdS, const u16* sK, int, int c0, int,
                                             float (&acc_dk)[OA][4], float (&acc_dv)[OA][4], u32 (&p_t)[NA][2],
-                                            u32 (&ds_t)[NA][2]) {
+                                            u32 (&ds_t)[NA][2], Between&& between) {
     float (&d)[QA * 4] = reinterpret_cast<float (&)[QA * 4]>(acc);
     // LBO: the next 64 columns (slab) — one slab of rows for dS^T, the next D columns for K;
     // SBO: the next 8 keys. A k-step of 16 keys is 16 rows of 128 bytes in either.
@@ -192,6 +197,7 @@ struct BwdWgmma {
       else wgmma_ss_m64n64k16<1>(d, da, db, kk > 0, T());
     }
     wgmma_commit();
+    between();
     wgmma_wait<0>();
     fence_registers(d);
     fence_registers(reinterpret_cast<float (&)[OA * 4]>(acc_dk));

@@ -42,6 +42,11 @@ struct BwdTraits {
   static constexpr int kKSteps = HEAD_DIM / 16;               // k16 steps of K Q^T and V dO^T
   static constexpr int kOutAtoms = kDOut / 8;                 // 8-wide column tiles of dK, dV
   static constexpr int kDbStride = kBlockN + 4;               // smem row stride (floats) of sDb
+  // Registers to spare (wgmma at D = 64; D = 128 runs at the 255 cap), spent on the step's
+  // latency: dbias summed over the heads of a group in registers (kNAtoms x 4 per lane, stored into
+  // sDb once per query tile instead of a shared-memory add per head), a 2-byte bias read by
+  // ldmatrix (bwd.cu, bias_fragments), the dbias flush while the dQ product computes.
+  static constexpr bool kRegisterRoom = WGMMA && HEAD_DIM == 64;
   // dQ = dS K (kBlockM x kDOut): warps tile it as kDqWarpsM (16-row slabs) x kDqWarpsD (kDqCols
   // columns each, a whole number of 16-column pairs); kWarps - kDqWarps warps idle (only D = 96).
   // WGMMA: 4 x 2, warpgroup w computes columns w * D / 2.. of all 64 rows (warp 4w + i: rows 16i..).
@@ -175,12 +180,18 @@ __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_st
 // dst[0..1] += (x, y) in fp32, atomically per element (dq_accum, 8-byte aligned). sm_90 has a
 // vector reduction (PTX ISA 8.1, CUDA 12.1): one request for both elements, half the L2
 // operations of two scalar ones, which sm_80 (or an older compiler) issues instead.
-__device__ __forceinline__ void red_add_f32x2(float* dst, float x, float y) {
+// `add` false: nothing (a predicated instruction on sm_90, not a branch around it).
+__device__ __forceinline__ void red_add_f32x2(float* dst, float x, float y, bool add = true) {
 #if __CUDA_ARCH__ >= 900 && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1201)
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(x), "f"(y) : "memory");
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %3, 0;\n @p red.global.add.v2.f32 [%0], {%1, %2};\n}\n" ::"l"(dst),
+      "f"(x), "f"(y), "r"(static_cast<int>(add))
+      : "memory");
 #else
-  atomicAdd(dst, x);
-  atomicAdd(dst + 1, y);
+  if (add) {
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+  }
 #endif
 }
 

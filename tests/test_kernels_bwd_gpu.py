@@ -89,6 +89,21 @@ def test_gqa_and_head_broadcast(group, aux_heads):
     check_backward(q, k, v, mask, bias)
 
 
+@pytest.mark.parametrize("mask_heads,bias_heads", [("Hk", "Hk"), ("1", "Hk"), ("Hk", "H"), ("H", "Hk")])
+def test_group_shares_mask_and_bias_tiles(mask_heads, bias_heads):
+    """The heads of a group reuse their query tile's mask and bias tiles unless either has a head
+    per query head. Block rows of the mask are empty at irregular spacing, so the query tiles a key
+    tile visits skip some (the reused slot must follow the tiles visited, not the tile index)."""
+    B, S, Hk, G = 1, 700, 2, 4
+    H = Hk * G
+    n = {"H": H, "Hk": Hk, "1": 1}
+    q, k, v, mask, bias = make_inputs(B, S, S, H, Hk, 64, "bfloat16", (B, n[mask_heads], S, S),
+                                      (B, n[bias_heads], S, S))
+    rows = cupy.arange(S) // 64
+    mask &= ~cupy.isin(rows, cupy.asarray([1, 4, 5, 7]))[:, None]
+    check_backward(q, k, v, mask, bias, causal=True)
+
+
 BIAS_SHAPES = [(2, 4, 37, 300), (2, 2, 37, 300), (1, 1, 37, 300), (2, 1, 1, 300), (1, 4, 1, 300),
                (2, 2, 1, 300), (1, 2, 37, 300), (2, 1, 37, 300), (1, 1, 1, 300)]
 
