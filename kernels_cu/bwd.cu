@@ -86,10 +86,33 @@ __device__ __forceinline__ void store_dbias(const BwdParams& p, i64 off, float x
   }
 }
 
+// dbias keys key..key + 8 of one row (element offset off): one 16-byte store in the bias dtype (or
+// 8-byte fp32 reductions into dbias_accum); a group cut by the end of the keys, or a dbias whose
+// rows are not 16-byte aligned (`vec` false), goes element by element.
+template <typename T, int BIAS_BYTES>
+__device__ __forceinline__ void store_dbias8(const BwdParams& p, i64 off, int key, const float (&x)[8], bool atomic,
+                                             bool vec) {
+  if (vec && key + 8 <= p.a.seqlen_k) {
+    if (atomic) {
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) red_add_f32x2(p.dbias_accum + off + j, x[j], x[j + 1]);
+    } else if constexpr (BIAS_BYTES == 4) {
+      float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dbias) + off);
+      dst[0] = make_float4(x[0], x[1], x[2], x[3]);
+      dst[1] = make_float4(x[4], x[5], x[6], x[7]);
+    } else {
+      *reinterpret_cast<uint4*>(static_cast<u16*>(p.dbias) + off) =
+          make_uint4(T::pack(x[0], x[1]), T::pack(x[2], x[3]), T::pack(x[4], x[5]), T::pack(x[6], x[7]));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, x[j], atomic);
+  }
+}
+
 // Writes a query tile's dbias (sDb: BM x BN fp32, complete) and, when the next tile adds into it
-// (ZERO), zeroes sDb. Eight keys per thread and iteration: two 16-byte shared loads and one 16-byte
-// store in the bias dtype (or 8-byte fp32 reductions into dbias_accum); a group cut by the end of
-// the keys, or a dbias whose rows are not 16-byte aligned (`vec` false), goes element by element.
+// (ZERO), zeroes sDb. Eight keys per thread and iteration: two 16-byte shared loads, store_dbias8.
 template <typename T, int BIAS_BYTES, int BM, int BN, int NT, int DBST, bool ZERO>
 __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 base, int m0, int n0, bool atomic,
                                             bool vec) {
@@ -102,47 +125,22 @@ __device__ __forceinline__ void flush_dbias(const BwdParams& p, float* sDb, i64 
     const float4 lo = src[0], hi = src[1];
     if (ZERO) src[0] = src[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (row >= p.a.seqlen_q) continue;
-    const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
     const float x[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    if (vec && key + 8 <= p.a.seqlen_k) {
-      if (atomic) {
-#pragma unroll
-        for (int j = 0; j < 8; j += 2) red_add_f32x2(p.dbias_accum + off + j, x[j], x[j + 1]);
-      } else if constexpr (BIAS_BYTES == 4) {
-        float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dbias) + off);
-        dst[0] = lo;
-        dst[1] = hi;
-      } else {
-        *reinterpret_cast<uint4*>(static_cast<u16*>(p.dbias) + off) =
-            make_uint4(T::pack(x[0], x[1]), T::pack(x[2], x[3]), T::pack(x[4], x[5]), T::pack(x[6], x[7]));
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, x[j], atomic);
-    }
+    store_dbias8<T, BIAS_BYTES>(p, base + static_cast<i64>(row) * p.dbias_stride[2] + key, key, x, atomic, vec);
   }
 }
 
 // Zeros for dbias rows [row_lo, row_hi) x keys [n0, n0 + BN) (rows already clipped to Sq): tiles
-// this CTA owns but never computes. 16-byte stores per 8-key group where flush_dbias would use them.
+// this CTA owns but never computes (a dbias with one writer per element: no atomics).
 template <typename T, int BIAS_BYTES, int BN, int NT>
 __device__ __forceinline__ void zero_dbias_rows(const BwdParams& p, i64 base, int row_lo, int row_hi, int n0,
                                                 bool vec) {
   constexpr int kGroups = BN / 8;
+  const float zeros[8] = {};
 #pragma unroll 1
   for (int i = threadIdx.x; i < (row_hi - row_lo) * kGroups; i += NT) {
     const int row = row_lo + i / kGroups, key = n0 + (i % kGroups) * 8;
-    const i64 off = base + static_cast<i64>(row) * p.dbias_stride[2] + key;
-    if (vec && key + 8 <= p.a.seqlen_k) {
-      uint4* dst = reinterpret_cast<uint4*>(static_cast<unsigned char*>(p.dbias) + off * BIAS_BYTES);
-#pragma unroll
-      for (int j = 0; j < BIAS_BYTES / 2; ++j) dst[j] = make_uint4(0u, 0u, 0u, 0u);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (key + j < p.a.seqlen_k) store_dbias<T, BIAS_BYTES>(p, off + j, 0.f, false);
-    }
+    store_dbias8<T, BIAS_BYTES>(p, base + static_cast<i64>(row) * p.dbias_stride[2] + key, key, zeros, false, vec);
   }
 }
 
@@ -155,6 +153,11 @@ __device__ __forceinline__ void zero_dbias_rows(const BwdParams& p, i64 base, in
 //                  elements in registers (store_db_tile writes them into sDb before a flush)
 //   kDbiasColumns  col0, col1 += dS over this lane's rows (keys key0, key0 + 8; a row-broadcast bias)
 enum { kNoDbias, kDbiasTile, kDbiasRegs, kDbiasColumns };
+// sDb index of element e of column tile nt (this lane: keys key0, key0 + 8, rows row0, row0 + 1).
+template <int DBST>
+__device__ __forceinline__ int db_cell(int nt, int e, int key0, int row0) {
+  return (nt * 8 + row0 + (e & 1)) * DBST + key0 + (e >= 2 ? 8 : 0);
+}
 template <int DBIAS, typename T, bool SOFTCAP, int DBST, int NA, int NT>
 __device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (&dp)[NA][4], const float (&th)[NT][4],
                                           const float* stats, float* sDb, int key0, int row0, u32 (&p_t)[NA][2],
@@ -168,7 +171,7 @@ __device__ __forceinline__ void gradients(const float (&s)[NA][4], const float (
       const int r = nt * 8 + row0 + (e & 1);
       ds[e] = s[nt][e] * (dp[nt][e] - stats[2 * r + 1]);
       if constexpr (SOFTCAP) ds[e] *= 1.f - th[nt][e] * th[nt][e];
-      if constexpr (DBIAS == kDbiasTile) sDb[r * DBST + key0 + (e >= 2 ? 8 : 0)] += ds[e];
+      if constexpr (DBIAS == kDbiasTile) sDb[db_cell<DBST>(nt, e, key0, row0)] += ds[e];
       if constexpr (DBIAS == kDbiasRegs) db[nt][e] = fresh ? ds[e] : db[nt][e] + ds[e];
     }
     if constexpr (DBIAS == kDbiasColumns) {
@@ -188,7 +191,7 @@ __device__ __forceinline__ void store_db_tile(float* sDb, const float (&db)[NA][
 #pragma unroll
   for (int nt = 0; nt < NA; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sDb[(nt * 8 + row0 + (e & 1)) * DBST + key0 + (e >= 2 ? 8 : 0)] = db[nt][e];
+    for (int e = 0; e < 4; ++e) sDb[db_cell<DBST>(nt, e, key0, row0)] = db[nt][e];
 }
 
 // A 2-byte bias's values at this lane's elements, transposed on the way by ldmatrix (one load per
@@ -588,9 +591,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
       Mma::dq(acc_dq, sdS, sK, wm, c0, lane, acc_dk, acc_dv, p_t, ds_t, [&] {
         if constexpr (Tr::kRegisterRoom) flush();
       });
-      u32* turns = det ? dq_turns(h, m, warp) : nullptr;
       if (det) {
-        if (lane == 0) turn_wait(turns, n_tile);
+        if (lane == 0) turn_wait(dq_turns(h, m, warp), n_tile);
         __syncwarp();
       }
       // this lane's first element: row r = wm * 16 + g of the tile, column c0 + 2 tq; the others are

@@ -36,7 +36,13 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
   const int causal_shift = stride[2] == 0 ? rows - 1 : 0;
   if (stride[2] == 0) rows = 1;
   const int items = rows * tiles;
-  const FastDivmod by_tiles(max(tiles, 1));  // item -> (row, tile)
+  const FastDivmod by_tiles(max(tiles, 1));
+  struct Item { int t, row, key0, key_end; };  // tile (from tile_begin), mask row, its keys
+  auto locate = [&](int item) {
+    const int r = by_tiles.div(item), t = item - r * tiles, row = row0 + r;
+    return Item{t, row, (tile_begin + t) * BLOCK_N,
+                CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k};
+  };
 #pragma unroll 1
   for (int first = threadIdx.x; first < items; first += THREADS * kBatch) {
     bool keep[kBatch];
@@ -45,9 +51,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int item = first + u * THREADS;
-        const int r = by_tiles.div(item), t = item - r * tiles;
-        const int row = row0 + r, key0 = (tile_begin + t) * BLOCK_N;
-        const int key_end = CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k;
+        const auto [t, row, key0, key_end] = locate(item);
         const bool live = item < items && !(bits[t >> 5] & (1u << (t & 31)));
         const unsigned char* g = base + (static_cast<i64>(row) * stride[2] + key0) * ELEM;
 #pragma unroll
@@ -65,9 +69,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int item = first + u * THREADS;
-        const int r = by_tiles.div(item), t = item - r * tiles;
-        const int row = row0 + r, key0 = (tile_begin + t) * BLOCK_N;
-        const int key_end = CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k;
+        const auto [t, row, key0, key_end] = locate(item);
         const E* g = reinterpret_cast<const E*>(base) + static_cast<i64>(row) * stride[2];
         keep[u] = false;
         if (item < items)
@@ -77,6 +79,7 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
+      // the tile again, rather than kBatch more registers live across the loads
       const int t = by_tiles.mod(first + u * THREADS);
       if (keep[u]) atomicOr(&bits[t >> 5], 1u << (t & 31));
     }
