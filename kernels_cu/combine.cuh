@@ -2,10 +2,12 @@
 //   lse = mx + log sum_s exp(lse_s - mx) ;  O = sum_s exp(lse_s - lse) O_s     (mx = max_s lse_s)
 // Two shapes of the same merge:
 //   combine_row       a whole CTA per row: fwd_combine_kernel (fwd.cu), a kernel of its own after
-//                     the tile kernel, whose rows may have up to kMaxSplits partials;
-//   combine_row_warp  a warp per row: the decode kernel (fwd_decode.cu) merges the rows of a kv
-//                     head in the CTA that finishes last, while the partials are still in L2
-//                     (the host keeps their volume small: config.decode_config).
+//                     the tile kernel, for rows of more than kWarpCombineSplits partials (up to
+//                     kMaxSplits);
+//   combine_row_warp  a warp per row: fwd_combine_kernel for fewer splits, and the decode kernel
+//                     (fwd_decode.cu), which merges the rows of a kv head in the CTA that finishes
+//                     last, while the partials are still in L2 (the host keeps their volume small:
+//                     config.decode_config).
 #pragma once
 #include "params.cuh"
 
@@ -13,6 +15,8 @@ namespace dmattn {
 
 constexpr int kMaxSplits = 256;          // mirrors config.MAX_SPLITS (the weight buffer)
 constexpr int kMaxCombineThreads = 512;  // mirrors config.MAX_COMBINE_THREADS
+constexpr int kWarpCombineSplits = 32;   // mirrors config.WARP_COMBINE_SPLITS: fwd_combine_kernel
+constexpr int kCombineWarps = 8;         //   merges a row per warp up to this many splits
 
 // Max or sum of x over the CTA (every thread gets it); scratch holds one float per warp.
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* scratch) {
@@ -85,7 +89,7 @@ __device__ void combine_row(const FwdParams& p, i64 row) {
   __syncthreads();  // weight and part are free for the next row
 }
 
-// Merges the p.num_splits partials of `row` with the calling warp; `weight` holds kMaxSplits
+// Merges the p.num_splits partials of `row` with the calling warp; `weight` holds num_splits
 // floats of this warp's own. Lane = column pair (and split, for the weights).
 template <typename T>
 __device__ void combine_row_warp(const FwdParams& p, i64 row, float* weight) {

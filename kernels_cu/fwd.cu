@@ -109,11 +109,20 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(visited));
 }
 
-// Merges split partials (combine.cuh): one CTA per (batch, head, row), sized by the host to the
-// row's work (config.combine_threads).
+// Merges split partials (combine.cuh). Up to kWarpCombineSplits splits: a warp per (batch, head,
+// row), kCombineWarps rows per CTA (one CTA per row left a few splits' merge latency-bound on its
+// barriers and 32-thread CTAs: seed_16k, 3 splits over 32K rows, took 39 us for 25 MB); more: one
+// CTA per row, sized by the host to the row's work (config.combine_threads).
 template <typename T>
 __global__ void __launch_bounds__(kMaxCombineThreads) fwd_combine_kernel(const __grid_constant__ FwdParams p) {
-  combine_row<T>(p, blockIdx.x);
+  if (p.num_splits <= kWarpCombineSplits) {
+    __shared__ float weight[kCombineWarps][kWarpCombineSplits];
+    const i64 rows = static_cast<i64>(p.a.batch) * p.a.heads * p.a.seqlen_q;
+    const i64 row = static_cast<i64>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+    if (row < rows) combine_row_warp<T>(p, row, weight[threadIdx.x / 32]);
+  } else {
+    combine_row<T>(p, blockIdx.x);
+  }
 }
 
 }  // namespace dmattn

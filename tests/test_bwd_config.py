@@ -14,7 +14,8 @@ import shutil
 import pytest
 from host_program import run_host_program
 
-from dmattn_cupy._cuda.bwd_config import CHUNK_BELOW_WAVES, BwdTiles, bwd_config
+from dmattn_cupy._cuda.bwd_config import (CTA_OVERHEAD_STEPS, BwdTiles, bwd_config, chunk_works, first_query_tile,
+                                          schedule_makespan)
 from dmattn_cupy._cuda.config import TILE_HEAD_DIMS, WGMMA_HEAD_DIMS
 
 MASK_BYTES = (0, 1, 2, 4)
@@ -90,12 +91,35 @@ def test_hopper_tiles_where_they_fit():
 
 
 def test_one_kv_head_is_cut_into_chunks():
-    """seed_16k: 128 key tiles of one kv head are too few CTAs for 132 multiprocessors."""
+    """seed_16k: 128 key tiles of one kv head are too few CTAs for 132 multiprocessors; the chunk
+    length is the schedule model's best (H100: 127-128 query tiles, 1.00 ms against 1.20 at 32)."""
     cfg = _config(seqlen_q=16384, seqlen_k=16384)
     assert cfg.n_tiles == 128 and cfg.chunks > 1 and cfg.chunk_tiles < cfg.m_tiles
-    ctas = sum(math.ceil((cfg.m_tiles - min(cfg.m_tiles, n * 128 // 64)) / cfg.chunk_tiles)
-               for n in range(cfg.n_tiles))
-    assert ctas >= CHUNK_BELOW_WAVES * H100_SMS
+    kw = dict(tiles=cfg.tiles, m_tiles=cfg.m_tiles, n_tiles=cfg.n_tiles, ctas_per_tile=1, group=2,
+              seqlen_q=16384, seqlen_k=16384, causal=True)
+    best = schedule_makespan(chunk_works(cfg.chunk_tiles, **kw), H100_SMS)
+    for length in (8, 32, 64, 96, 170, cfg.m_tiles):
+        assert best <= schedule_makespan(chunk_works(length, **kw), H100_SMS)
+    assert 120 <= cfg.chunk_tiles <= 130
+
+
+def test_chunk_works_cover_every_step_once():
+    """Each (key tile, query tile, head) step is in exactly one CTA, in launch order."""
+    tiles = _config().tiles
+    for causal in (False, True):
+        for length in (8, 13, 64, 100):
+            works = chunk_works(length, tiles=tiles, m_tiles=100, n_tiles=40, ctas_per_tile=3, group=2,
+                                seqlen_q=6400, seqlen_k=5120, causal=causal)
+            steps = sum(w - CTA_OVERHEAD_STEPS for w in works if w) / 3
+            visible = sum(100 - first_query_tile(n, tiles=tiles, m_tiles=100, seqlen_q=6400, seqlen_k=5120,
+                                                 causal=causal) for n in range(40))
+            assert steps == 2 * visible
+
+
+def test_schedule_makespan_starts_each_cta_on_the_first_free_slot():
+    assert schedule_makespan([3, 1, 1, 1], 2) == 3
+    assert schedule_makespan([1, 1, 1, 3], 2) == 4  # the long one starts last
+    assert schedule_makespan([2] * 6, 3) == 4
 
 
 def test_many_ctas_are_not_cut():

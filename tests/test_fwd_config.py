@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dmattn_cupy._cuda.compile import kernels_dir
-from dmattn_cupy._cuda.config import (DECODE_MAX_ROWS, DECODE_MAX_SPLIT_KEYS, DECODE_MERGE_FLOATS, DECODE_THREADS,
-                                      MAX_COMBINE_THREADS, MAX_SPLITS, SMEM_PER_CTA, SMEM_PER_CTA_FOR_TWO,
+from dmattn_cupy._cuda.config import (COMBINE_WARPS, DECODE_MAX_ROWS, DECODE_MAX_SPLIT_KEYS, DECODE_MERGE_FLOATS,
+                                      DECODE_THREADS, MAX_COMBINE_THREADS, MAX_SPLITS, SMEM_PER_CTA,
+                                      SMEM_PER_CTA_FOR_TWO, WARP_COMBINE_SPLITS, combine_blocks,
                                       combine_threads, decode_batch, decode_config, fwd_config, use_decode)
 
 H100_SMS = 132
@@ -52,15 +53,21 @@ def test_combine_constants_match_the_kernel():
     source = (kernels_dir() / "combine.cuh").read_text()
     assert f"constexpr int kMaxSplits = {MAX_SPLITS};" in source
     assert f"constexpr int kMaxCombineThreads = {MAX_COMBINE_THREADS};" in source
+    assert f"constexpr int kWarpCombineSplits = {WARP_COMBINE_SPLITS};" in source
+    assert f"constexpr int kCombineWarps = {COMBINE_WARPS};" in source
 
 
-@pytest.mark.parametrize("splits", [2, 3, 17, 256])
+@pytest.mark.parametrize("splits", [2, 3, 17, 32, 33, 256])
 @pytest.mark.parametrize("head_dim", [8, 64, 80, 128, 256])
-def test_combine_threads_cover_the_row(splits, head_dim):
-    threads = combine_threads(splits, head_dim)
-    assert threads % 32 == 0 and head_dim // 2 <= threads <= MAX_COMBINE_THREADS
-    # few splits: about one warp per 8 partial loads, not a full CTA of idle threads
-    assert threads <= max(32 * -(-head_dim // 64), 32 * -(-splits * head_dim // 512))
+def test_combine_launch_covers_every_row(splits, head_dim):
+    threads, rows = combine_threads(splits, head_dim), 1000
+    blocks = combine_blocks(splits, rows)
+    assert threads % 32 == 0 and threads <= MAX_COMBINE_THREADS
+    if splits <= WARP_COMBINE_SPLITS:  # a warp per row: every row has a warp, no CTA is idle
+        assert threads == 32 * COMBINE_WARPS and (blocks - 1) * COMBINE_WARPS < rows <= blocks * COMBINE_WARPS
+    else:  # a CTA per row: a thread per column pair, about 8 partial loads per thread
+        assert blocks == rows and head_dim // 2 <= threads
+        assert threads <= max(32 * -(-head_dim // 64), 32 * -(-splits * head_dim // 512))
 
 
 def test_decode_constants_match_the_kernel():

@@ -6,6 +6,7 @@ Mirrors kernels_cu/bwd_tiles.cuh (BwdTraits, BwdSmem) and the tile layouts of ke
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -13,15 +14,18 @@ from .config import SMEM_PER_CTA, WGMMA_HEAD_DIMS, aux_row_bytes, tile_head_dim
 
 THREADS = 128         # bwd_preprocess_kernel, bwd_convert_dq_kernel
 # Query chunks (bwd.cu): a grid of fewer than CHUNK_BELOW_WAVES waves of CTAs cuts every key tile's
-# query range into chunks, about CHUNK_WAVES waves of them, so that one kv head under a causal mask
-# (seed_16k: 128 key tiles of very different lengths on 132 multiprocessors: the longest one sets
-# the time at 2x the mean) gets several waves of evenly sized CTAs. From 2 waves on, the launch
-# order (heaviest key tiles of every (batch, kv head) first) balances the load by itself (gqa8k:
-# 512 CTAs, within 5 % of the mean in a list-scheduling model). A chunk has at least
+# query range into chunks (seed_16k: 128 key tiles of one kv head, of very different lengths under
+# a causal mask, on 132 multiprocessors). The chunk length is the one whose launch, replayed by
+# schedule_makespan (CTAs start in launch order on the first free slot), finishes first: the time
+# is non-monotonic in the length (H100 seed_16k backward: L = 32 1.20 ms, 64 1.25, 96 1.47, 127
+# 1.00, 256 1.84), and the model, with CTA_OVERHEAD_STEPS per CTA, reproduced those within a few
+# percent (NOTES 42). From 2 waves on, the launch order (heaviest key tiles of every (batch, kv
+# head) first) balances the load by itself (gqa8k: 512 CTAs). A chunk has at least
 # MIN_CHUNK_TILES query tiles: each one costs a K/V load and an fp32 dK, dV partial.
 CHUNK_BELOW_WAVES = 2
-CHUNK_WAVES = 4
 MIN_CHUNK_TILES = 8
+CTA_OVERHEAD_STEPS = 6     # a CTA's fixed cost (K/V, mask scan, dK/dV out) in steps of the loop
+MAX_CHUNK_CANDIDATES = 64  # chunk lengths tried: the longest key tile's range cut in 1..64 parts
 SMEM_PER_SM = 228 * 1024   # sm_80 / sm_90, of which 1 KiB is reserved per CTA
 SCALAR_BYTES = 80          # BwdSmem::kScalarBytes: BwdScalars (batch pointers, head divisions, chunk flag)
 
@@ -105,16 +109,47 @@ def first_query_tile(n: int, *, tiles: BwdTiles, m_tiles: int, seqlen_q: int, se
     return min(m_tiles, max(0, n * tiles.block_n - seqlen_k + seqlen_q) // tiles.block_m)
 
 
-def choose_chunk_tiles(*, tiles: BwdTiles, m_tiles: int, n_tiles: int, ctas_per_tile: int,
+def schedule_makespan(works, slots: int) -> float:
+    """When the last of CTAs with these costs, launched in this order, finishes on `slots`
+    resident CTA slots: each starts on the first slot to free up (in-order block dispatch)."""
+    free = [0.0] * slots
+    for work in works:
+        heapq.heapreplace(free, free[0] + work)
+    return max(free)
+
+
+def chunk_works(chunk_tiles: int, *, tiles: BwdTiles, m_tiles: int, n_tiles: int, ctas_per_tile: int,
+                group: int, seqlen_q: int, seqlen_k: int, causal: bool) -> list[float]:
+    """The cost, in steps (one query tile x head), of each CTA of the grid in launch order (grid x
+    = batch, kv head and head-dim part fastest, then the chunk, then the key tile), every query
+    tile taken as active (the mask is not known here); chunks past a key tile's last exit at once."""
+    begins = [first_query_tile(n, tiles=tiles, m_tiles=m_tiles, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               causal=causal) for n in range(n_tiles)]
+    chunks = max(1, max(math.ceil((m_tiles - m0) / chunk_tiles) for m0 in begins))
+    works = []
+    for m0 in begins:
+        for c in range(chunks):
+            hi = m_tiles - c * chunk_tiles
+            lo = max(m0, hi - chunk_tiles)
+            work = CTA_OVERHEAD_STEPS + group * (hi - lo) if hi > lo or c == 0 else 0.0
+            works.extend([work] * ctas_per_tile)
+    return works
+
+
+def choose_chunk_tiles(*, tiles: BwdTiles, m_tiles: int, n_tiles: int, ctas_per_tile: int, group: int,
                        seqlen_q: int, seqlen_k: int, causal: bool, slots: int, can_chunk: bool) -> int:
     """Query tiles per chunk: m_tiles (no cut) when the grid has CHUNK_BELOW_WAVES waves of `slots`
-    resident CTAs already, else the chunk length that gives about CHUNK_WAVES waves of CTAs."""
+    resident CTAs already, else the length whose schedule finishes first (the longest on ties)."""
     if not can_chunk or n_tiles * ctas_per_tile >= CHUNK_BELOW_WAVES * slots or m_tiles < 2 * MIN_CHUNK_TILES:
         return m_tiles
-    work = ctas_per_tile * sum(
-        m_tiles - first_query_tile(n, tiles=tiles, m_tiles=m_tiles, seqlen_q=seqlen_q,
-                                   seqlen_k=seqlen_k, causal=causal) for n in range(n_tiles))
-    return min(m_tiles, max(MIN_CHUNK_TILES, math.ceil(work / (CHUNK_WAVES * slots))))
+    longest = m_tiles - first_query_tile(0, tiles=tiles, m_tiles=m_tiles, seqlen_q=seqlen_q,
+                                         seqlen_k=seqlen_k, causal=causal)
+    candidates = {m_tiles} | {max(MIN_CHUNK_TILES, math.ceil(longest / parts))
+                              for parts in range(1, MAX_CHUNK_CANDIDATES + 1)}
+    kw = dict(tiles=tiles, m_tiles=m_tiles, n_tiles=n_tiles, ctas_per_tile=ctas_per_tile, group=group,
+              seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal)
+    return min(sorted(candidates, reverse=True),
+               key=lambda length: schedule_makespan(chunk_works(length, **kw), slots))
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,7 +182,7 @@ def bwd_config(*, head_dim: int, batch: int, heads: int, kv_heads: int, seqlen_q
     # A row-broadcast dbias is one column sum per key tile: its chunks would share the cells.
     chunk_tiles = choose_chunk_tiles(
         tiles=tiles, m_tiles=m_tiles, n_tiles=n_tiles, ctas_per_tile=batch * kv_heads * tiles.d_split,
-        seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, slots=sm_count * resident,
+        group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, slots=sm_count * resident,
         can_chunk=not (bias_bytes and bias_rows_reduced))
     chunks = math.ceil(m_tiles / chunk_tiles)
     dq_words = tiles.d_split * batch * heads * m_tiles * tiles.dq_warps * math.ceil(n_tiles / 32)

@@ -100,16 +100,26 @@ def choose_pack(group: int, block_m: int, shares_aux: bool) -> int:
 MIN_WAVES = 4
 # Most key-range splits of one row (fwd.cu kMaxSplits: fwd_combine_kernel's weight buffer).
 MAX_SPLITS = 256
-MAX_COMBINE_THREADS = 512  # fwd.cu kMaxCombineThreads
+MAX_COMBINE_THREADS = 512  # combine.cuh kMaxCombineThreads
+WARP_COMBINE_SPLITS = 32   # combine.cuh kWarpCombineSplits: up to this many splits, a warp per row
+COMBINE_WARPS = 8          # combine.cuh kCombineWarps: rows (warps) per CTA then
 
 
 def combine_threads(splits: int, head_dim: int) -> int:
-    """Threads of fwd_combine_kernel's CTA (one per row): about 8 partial loads per thread, all
-    issued before the first is used; at least one thread per column pair, a whole number of
+    """Threads of fwd_combine_kernel's CTA: COMBINE_WARPS warps (a row each) up to
+    WARP_COMBINE_SPLITS splits; beyond, one CTA per row with about 8 partial loads per thread,
+    all issued before the first is used; at least one thread per column pair, a whole number of
     warps, at most MAX_COMBINE_THREADS."""
+    if splits <= WARP_COMBINE_SPLITS:
+        return 32 * COMBINE_WARPS
     pairs = head_dim // 2
     want = max(pairs, math.ceil(splits * pairs / 8))
     return min(MAX_COMBINE_THREADS, 32 * math.ceil(want / 32))
+
+
+def combine_blocks(splits: int, rows: int) -> int:
+    """fwd_combine_kernel's grid: a row per warp up to WARP_COMBINE_SPLITS splits, else per CTA."""
+    return math.ceil(rows / COMBINE_WARPS) if splits <= WARP_COMBINE_SPLITS else rows
 
 
 def choose_splits(base_ctas: int, key_tiles: int, sm_count: int) -> tuple[int, int]:

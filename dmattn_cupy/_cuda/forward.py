@@ -13,7 +13,7 @@ import numpy
 
 from . import compile as nvrtc
 from . import device
-from .config import DECODE_THREADS, combine_threads, decode_config, fwd_config, use_decode, use_wgmma
+from .config import DECODE_THREADS, combine_blocks, combine_threads, decode_config, fwd_config, use_decode, use_wgmma
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, new_record, pointer_slots
@@ -116,7 +116,7 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
     return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
-                   cfg.tiles.threads, cfg.smem_bytes, combine, (B * H * Sq,),
+                   cfg.tiles.threads, cfg.smem_bytes, combine, (combine_blocks(cfg.num_splits, B * H * Sq),),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
                    cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem)
 
