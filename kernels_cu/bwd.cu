@@ -65,8 +65,8 @@
 // Deterministic mode (bwd_tiles.cuh, turn_wait): every dq_accum tile (b, h, m, dQ warp tile) takes
 // its adds in key-tile order: warp w of key tile n adds after the bits of key tiles 0..n-1 are set
 // (each warp waits on its own, with no CTA barrier, and publishes its adds in the next step, after
-// barrier (A): by then they have drained, so the fence costs the warp nothing). A CTA sets the bits of the
-// pairs it skips at its start. All CTAs walk the query tiles downwards, so the key tile n - 1,
+// barrier (A): by then they have drained, so the fence costs the warp nothing). A CTA sets the bits
+// of the pairs it skips at its start. All CTAs walk the query tiles downwards, so the key tile n - 1,
 // launched before n, normally arrives at a tile first and n rarely waits. dbias_accum tiles shared
 // by several (b, hk) CTAs of one key tile are added in (b, hk) order likewise, per query tile.
 #include "params.cuh"
@@ -395,7 +395,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     for (int i = threadIdx.x; i < (m_hi - m_lo) * G; i += NT) {
       const int pr = p_lo + i;
       if (!active(pr))
-        for (int wt = 0; wt < Tr::kDqWarps; ++wt) turn_mark(dq_turns(h_first + by_group.mod(pr), by_group.div(pr), wt), n_tile);
+        for (int wt = 0; wt < Tr::kDqWarps; ++wt)
+          turn_mark(dq_turns(h_first + by_group.mod(pr), by_group.div(pr), wt), n_tile);
     }
     if (db_per_m) {
       for (int m = m_lo + threadIdx.x; m < m_hi; m += NT)
