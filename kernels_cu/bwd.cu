@@ -43,9 +43,9 @@
 // Query chunks (load balance): a key tile's query tiles [m_begin, m_tiles) are cut from the top
 // into chunks of p.chunk_tiles (for a grid of few CTAs, e.g. one kv head under a causal mask,
 // bwd_config picks the length whose launch, replayed in order on the resident CTA slots, finishes
-// first: schedule_makespan). A key tile with several
-// chunks writes each chunk's fp32 dK, dV to dkv_partial; the chunk that finishes last (a counter)
-// sums them in chunk order (bitwise reproducible) and writes dK, dV.
+// first: schedule_makespan). A key tile with several chunks writes each chunk's fp32 dK, dV to
+// dkv_partial; the chunk that finishes last (a counter) sums them in chunk order (bitwise
+// reproducible) and writes dK, dV.
 //
 // Launch order: blockIdx.x (b, hk) runs fastest, then the chunk, then the key tile: the heaviest
 // key tiles (causal: the first ones) of every (b, hk) start first, each with all its chunks (so
