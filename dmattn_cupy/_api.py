@@ -54,8 +54,11 @@ def backward(dout, q, k, v, out, lse, mask=None, bias=None, *, scale=None, causa
     Pass the same q, k, v, mask, bias and options as to forward, plus its out and lse.
     dk/dv sum over the query heads of their group; dbias has the bias's own shape (summed
     over its broadcast dims), or is None without bias. Gradients are exactly zero at
-    positions hidden by mask or causal. deterministic only affects the CUDA path (the
-    reference path is always deterministic).
+    positions hidden by mask or causal. deterministic=True makes the CUDA path's gradients
+    bitwise identical run after run: dq is summed in 32-bit fixed point scaled per row (integer
+    adds give the same bits in any order; at most a bf16 rounding step from the default's fp32
+    sums), and a dbias shared by several kv heads or batches is added in a fixed order. The
+    reference path is always deterministic.
     """
     problem = validate_attention(q, k, v, mask, bias, scale, causal, softcap)
     validate_backward(dout, out, lse, problem)

@@ -48,8 +48,7 @@
 // reproducible) and writes dK, dV.
 //
 // Launch order: blockIdx.x (b, hk) runs fastest, then the chunk, then the key tile: the heaviest
-// key tiles (causal: the first ones) of every (b, hk) start first, each with all its chunks (so
-// few CTAs of one (b, hk) start at the same query tile: in deterministic mode those queue up).
+// key tiles (causal: the first ones) of every (b, hk) start first, each with all its chunks.
 //
 // Shared memory: BwdSmem (bwd_tiles.cuh; bwd_config.py mirrors it). Bool mask + bf16 bias, with the
 // mask bits: D = 64 (mma.sync or wgmma, 64 rows) 180 / 166 KB; D = 128: mma.sync 32 rows 159 KB,
@@ -62,13 +61,11 @@
 // (its buffer, sdS and sDb may be overwritten: the next pair's copies start here); (B) sdS and sDb
 // are complete. Deterministic mode with a shared dbias adds one after a query tile's dbias flush.
 //
-// Deterministic mode (bwd_tiles.cuh, turn_wait): every dq_accum tile (b, h, m, dQ warp tile) takes
-// its adds in key-tile order: warp w of key tile n adds after the bits of key tiles 0..n-1 are set
-// (each warp waits on its own, with no CTA barrier, and publishes its adds in the next step, after
-// barrier (A): by then they have drained, so the fence costs the warp nothing). A CTA sets the bits
-// of the pairs it skips at its start. All CTAs walk the query tiles downwards, so the key tile n - 1,
-// launched before n, normally arrives at a tile first and n rarely waits. dbias_accum tiles shared
-// by several (b, hk) CTAs of one key tile are added in (b, hk) order likewise, per query tile.
+// Deterministic mode (bwd_tiles.cuh): dQ is added into dq_accum in 32-bit fixed point, row i
+// scaled by q_i = p.dq_scale[b, h, i] (a power of two from a bound on the row's sums, set by
+// bwd_preprocess_kernel): integer adds give the same bits in any order, so no CTA waits for another
+// and the schedule is the default's. dbias_accum tiles shared by several (b, hk) CTAs of one key
+// tile take their fp32 adds in (b, hk) order (turn_wait), per query tile.
 #include "params.cuh"
 #include "bwd_mma.cuh"
 #include "bwd_tiles.cuh"
@@ -364,13 +361,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     return pr;
   };
 
-  // ---- deterministic mode: the turn bits of this CTA's accumulators (bwd_tiles.cuh)
+  // ---- deterministic mode: fixed-point dQ, and the turn bits of shared dbias tiles (bwd_tiles.cuh)
   const bool det = p.deterministic != 0;
-  const int dq_words = (gridDim.z + 31) / 32;  // per dq_accum warp tile: one bit per key tile
-  auto dq_turns = [&](int h, int m, int wt) {
-    return p.turns + ((((static_cast<i64>(part) * a.batch + b) * a.heads + h) * m_tiles + m) * Tr::kDqWarps + wt) *
-                         dq_words;
-  };
   const bool do_dbias = BIAS_BYTES > 0 && (Tr::kDSplit == 1 || part == 0);  // one head-dim part writes dbias
   const bool db_atomic = p.dbias_accum != nullptr;
   // dbias rows start on 16-byte boundaries: 8-key groups are written whole (flush_dbias)
@@ -386,22 +378,13 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   const bool db_ordered = det && do_dbias && db_atomic;
   const bool db_per_m = db_ordered && !rows_reduced;
   auto db_turns = [&](int m) {  // m: query tile (0 for column sums)
-    const i64 dq_total = static_cast<i64>(Tr::kDSplit) * a.batch * a.heads * m_tiles * Tr::kDqWarps * dq_words;
     const i64 cell =
         (static_cast<i64>(n_tile) * a.batch + (db_bcast_b ? 0 : b)) * a.kv_heads + (db_bcast_h ? 0 : hk);
-    return p.turns + dq_total + (cell * (rows_reduced ? 1 : m_tiles) + m) * db_words;
+    return p.turns + (cell * (rows_reduced ? 1 : m_tiles) + m) * db_words;
   };
-  if (det) {  // nothing to add at the pairs this CTA skips: their turns pass at once
-    for (int i = threadIdx.x; i < (m_hi - m_lo) * G; i += NT) {
-      const int pr = p_lo + i;
-      if (!active(pr))
-        for (int wt = 0; wt < Tr::kDqWarps; ++wt)
-          turn_mark(dq_turns(h_first + by_group.mod(pr), by_group.div(pr), wt), n_tile);
-    }
-    if (db_per_m) {
-      for (int m = m_lo + threadIdx.x; m < m_hi; m += NT)
-        if (next_pair(m * G + G - 1) < m * G) turn_mark(db_turns(m), db_turn);
-    }
+  if (db_per_m) {  // nothing to add at the query tiles this CTA skips: their turns pass at once
+    for (int m = m_lo + threadIdx.x; m < m_hi; m += NT)
+      if (next_pair(m * G + G - 1) < m * G) turn_mark(db_turns(m), db_turn);
   }
 
   // ---- tile copies
@@ -488,17 +471,6 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   int tiles_seen = 0;  // query tiles finished before this pair's (shared mask/bias tiles: their slot)
   float db[NA][4];  // kRegisterRoom: this lane's dS summed since the last flush (fresh: none yet)
   bool db_fresh = true;
-  // Deterministic mode: the pair whose dQ adds this warp made in the previous step and has not
-  // published yet (-1: none). Its turn is marked once the next step's products are issued, when
-  // the adds have drained, so the fence does not hold the warp (bwd_tiles.cuh, turn_done).
-  int unpublished = -1;
-  auto publish = [&] {
-    if (lane == 0) {
-      const int mu = by_group.div(unpublished);
-      turn_done(dq_turns(h_first + unpublished - mu * G, mu, warp), n_tile);
-    }
-    unpublished = -1;
-  };
 
   while (pr >= p_lo) {
     const int m = by_group.div(pr), hs = pr - m * G, h = h_first + hs, m0 = m * BM;
@@ -518,7 +490,6 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     // S^T = K Q^T, dP^T = V dO^T (keys x rows)
     float s[NA][4], dp[NA][4];
     Mma::sdp_issue(s, dp, sK, sV, q_s, do_s, key_w, lane);
-    if (unpublished >= 0) publish();  // barrier (A) ordered the other lanes' adds before lane 0's fence
 
     // P = 2^(s2 - lse2) in s, once S^T is complete (wgmma: while dP^T computes)
     [[maybe_unused]] float th[SOFTCAP ? NA : 1][4];  // softcap: tanh of each score, for its derivative
@@ -585,30 +556,39 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     };
     const bool dq_warp = Tr::kDqWarps == Tr::kWarps || warp < Tr::kDqWarps;  // uniform unless D = 96
     // dQ += dS K (unscaled; bwd_convert_dq_kernel multiplies by scale): this warp's 16 rows x
-    // kDqCols columns, reduced into dq_accum (deterministic: in key-tile order, bwd_tiles.cuh)
+    // kDqCols columns, reduced into dq_accum (deterministic: in fixed point, bwd_tiles.cuh)
     if (dq_warp) {
       const int wm = warp % Tr::kDqWarpsM, wd = warp / Tr::kDqWarpsM;
       const int c0 = d0 + wd * Tr::kDqCols;
+      // this lane's first element: row r = wm * 16 + g of the tile, column c0 + 2 tq; the others are
+      // constant offsets from it (predicated adds: rows past Sq, columns past the head dim)
+      const int r = wm * 16 + g, d_left = a.head_dim - c0 - 2 * tq;
+      auto row_index = [&] { return static_cast<i64>(b * a.heads + h) * Sq + m0 + r; };  // dq_accum row
+      float fixed_q[2] = {1.f, 1.f};  // deterministic: the fixed-point scales of rows r, r + 8
+      auto load_fixed_q = [&] {
+        if (det)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh)
+            if (m0 + r + 8 * hh < Sq) fixed_q[hh] = __ldg(p.dq_scale + row_index() + 8 * hh);
+      };
+      if constexpr (Tr::kRegisterRoom) load_fixed_q();  // in flight while dQ computes
       float acc_dq[QA][4];
       Mma::dq(acc_dq, sdS, sK, wm, c0, lane, acc_dk, acc_dv, p_t, ds_t, [&] {
         if constexpr (Tr::kRegisterRoom) flush();
       });
-      if (det) {
-        if (lane == 0) turn_wait(dq_turns(h, m, warp), n_tile);
-        __syncwarp();
-      }
-      // this lane's first element: row r = wm * 16 + g of the tile, column c0 + 2 tq; the others are
-      // constant offsets from it (predicated adds: rows past Sq, columns past the head dim)
-      const int r = wm * 16 + g, d_left = a.head_dim - c0 - 2 * tq;
-      float* dqa = p.dq_accum + (static_cast<i64>(b * a.heads + h) * Sq + m0) * a.head_dim + r * a.head_dim + c0 +
-                   2 * tq;
+      if constexpr (!Tr::kRegisterRoom) load_fixed_q();  // no registers to hold them through dQ
+      float* dqa = p.dq_accum + row_index() * a.head_dim + c0 + 2 * tq;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-        for (int o = 0; o < QA; ++o)
-          red_add_f32x2(dqa + hh * 8 * a.head_dim + o * 8, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1],
-                        m0 + r + 8 * hh < Sq && o * 8 < d_left);
-      if (det) unpublished = pr;
+        for (int o = 0; o < QA; ++o) {
+          const bool add = m0 + r + 8 * hh < Sq && o * 8 < d_left;
+          float* dst = dqa + hh * 8 * a.head_dim + o * 8;
+          if (det)
+            red_add_fixed2(dst, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1], fixed_q[hh], add);
+          else
+            red_add_f32x2(dst, acc_dq[o][2 * hh], acc_dq[o][2 * hh + 1], add);
+        }
     }
     if (!Tr::kRegisterRoom || !dq_warp) flush();
     if (db_per_m && last_of_m) {  // uniform: every thread has flushed its part of tile m
@@ -622,8 +602,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     tiles_seen += last_of_m;
   }
   cp_async_wait<0>();
-  __syncthreads();  // every warp's adds are done; sColSum is complete
-  if (unpublished >= 0) publish();
+  __syncthreads();  // sColSum is complete
 
   // ---- dbias of a row-broadcast bias: one column sum per (head slot, key); never chunked
   if (rows_reduced && do_dbias) {
@@ -715,9 +694,48 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
   }
 }
 
+// Deterministic mode: the bounds of fixed-point dQ (bwd_tiles.cuh), max |K_jd| and max ||V_j||, into
+// p.kv_bound[0], [1] (zeroed; non-negative floats order as their bits, so an atomicMax of the bits,
+// in any order, leaves the same maximum). One warp per key row of K and V, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(128) bwd_kv_bound_kernel(const __grid_constant__ BwdParams p) {
+  const AttnParams& a = p.a;
+  const i64 rows = static_cast<i64>(a.batch) * a.seqlen_k * a.kv_heads;
+  const int lane = threadIdx.x % 32;
+  float k_max = 0.f, v_max = 0.f;
+  for (i64 row = static_cast<i64>(blockIdx.x) * 4 + threadIdx.x / 32; row < rows; row += gridDim.x * 4) {
+    const i64 b = row / (static_cast<i64>(a.seqlen_k) * a.kv_heads), j = row / a.kv_heads % a.seqlen_k;
+    const int hk = static_cast<int>(row % a.kv_heads);
+    const u16* k = static_cast<const u16*>(a.k) + b * a.k_stride[0] + j * a.k_stride[1] + hk * a.k_stride[2];
+    const u16* v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + j * a.v_stride[1] + hk * a.v_stride[2];
+    float v_sq = 0.f;
+    for (int d = 8 * lane; d < a.head_dim; d += 256) {
+      const uint4 x = *reinterpret_cast<const uint4*>(k + d), y = *reinterpret_cast<const uint4*>(v + d);
+      const u32 xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float2 kk = T::unpack(xs[c]), vv = T::unpack(ys[c]);
+        k_max = fmaxf(k_max, fmaxf(fabsf(kk.x), fabsf(kk.y)));
+        v_sq += vv.x * vv.x + vv.y * vv.y;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v_sq += __shfl_xor_sync(0xffffffffu, v_sq, off);
+    v_max = fmaxf(v_max, sqrtf(v_sq));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) k_max = fmaxf(k_max, __shfl_xor_sync(0xffffffffu, k_max, off));
+  if (lane == 0) {
+    atomicMax(p.kv_bound, __float_as_uint(k_max));
+    atomicMax(p.kv_bound + 1, __float_as_uint(v_max));
+  }
+}
+
 // Row stats {lse2 = lse * log2(e) (+inf where lse = -inf: 2^(s2 - inf) = 0), D = rowsum(dO * O)} in
-// fp32, and zeroes the row of dq_accum; one warp per (batch, head, row), eight columns per lane
-// (16-byte loads: head dims are multiples of 8 and rows 16-byte aligned, see qkv_operand).
+// fp32, and zeroes the row of dq_accum; deterministic mode: the row's fixed-point scale
+// q = fixed_point_scale(2 ||dO|| max||V_j|| max|K|) into p.dq_scale (after bwd_kv_bound_kernel).
+// One warp per (batch, head, row), eight columns per lane (16-byte loads: head dims are multiples of
+// 8 and rows 16-byte aligned, see qkv_operand).
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
   const AttnParams& a = p.a;
@@ -728,29 +746,36 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
   const u16* o = static_cast<const u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);
   const u16* d_o = static_cast<const u16*>(p.dout) + bshd_row_offset(a, row, p.do_stride);
   float* dqa = p.dq_accum + row * a.head_dim;
-  float sum = 0.f;
+  float sum = 0.f, do_sq = 0.f;
   for (int d = 8 * lane; d < a.head_dim; d += 256) {
     const uint4 x = *reinterpret_cast<const uint4*>(o + d), y = *reinterpret_cast<const uint4*>(d_o + d);
     const u32 xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      sum += T::to_float(static_cast<u16>(xs[j] & 0xffffu)) * T::to_float(static_cast<u16>(ys[j] & 0xffffu));
-      sum += T::to_float(static_cast<u16>(xs[j] >> 16)) * T::to_float(static_cast<u16>(ys[j] >> 16));
+      const float2 oo = T::unpack(xs[j]), dd = T::unpack(ys[j]);
+      sum += oo.x * dd.x + oo.y * dd.y;
+      do_sq += dd.x * dd.x + dd.y * dd.y;
     }
     float4* z = reinterpret_cast<float4*>(dqa + d);
     z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  for (int off = 16; off > 0; off >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    do_sq += __shfl_xor_sync(0xffffffffu, do_sq, off);
+  }
   if (lane == 0) {
     const float lse = p.lse[row];
     *reinterpret_cast<float2*>(p.row_stats + 2 * row) =
         make_float2(lse == neg_inf() ? __int_as_float(0x7f800000) : lse * kLog2e, sum);
+    if (p.dq_scale != nullptr)
+      p.dq_scale[row] = fixed_point_scale(2.f * sqrtf(do_sq) * __uint_as_float(p.kv_bound[0]) *
+                                          __uint_as_float(p.kv_bound[1]));
   }
 }
 
-// dq (B, Sq, H, D) in T = scale * dq_accum (B, H, Sq, D); one warp per (batch, head, row), eight
-// columns per lane.
+// dq (B, Sq, H, D) in T = scale * dq_accum (B, H, Sq, D) (deterministic: scale / q_row times the
+// fixed-point sums); one warp per (batch, head, row), eight columns per lane.
 template <typename T>
 __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   const AttnParams& a = p.a;
@@ -762,9 +787,18 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_consta
                             static_cast<i64>(a.heads) * a.head_dim, a.head_dim};  // contiguous
   u16* dq = static_cast<u16*>(p.dq) + bshd_row_offset(a, row, dq_stride);
   const float* src = p.dq_accum + row * a.head_dim;
-  const float s = a.scale;
+  const bool fixed = p.dq_scale != nullptr;
+  const float s = fixed ? a.scale / p.dq_scale[row] : a.scale;
   for (int d = 8 * lane; d < a.head_dim; d += 256) {
-    const float4 x = *reinterpret_cast<const float4*>(src + d), y = *reinterpret_cast<const float4*>(src + d + 4);
+    float4 x = *reinterpret_cast<const float4*>(src + d), y = *reinterpret_cast<const float4*>(src + d + 4);
+    if (fixed) {
+      const int2 c01 = fixed_point_pair(__float_as_uint(x.x) | static_cast<u64>(__float_as_uint(x.y)) << 32);
+      const int2 c23 = fixed_point_pair(__float_as_uint(x.z) | static_cast<u64>(__float_as_uint(x.w)) << 32);
+      const int2 c45 = fixed_point_pair(__float_as_uint(y.x) | static_cast<u64>(__float_as_uint(y.y)) << 32);
+      const int2 c67 = fixed_point_pair(__float_as_uint(y.z) | static_cast<u64>(__float_as_uint(y.w)) << 32);
+      x = make_float4(c01.x, c01.y, c23.x, c23.y);
+      y = make_float4(c45.x, c45.y, c67.x, c67.y);
+    }
     *reinterpret_cast<uint4*>(dq + d) =
         make_uint4(T::pack(x.x * s, x.y * s), T::pack(x.z * s, x.w * s), T::pack(y.x * s, y.y * s),
                    T::pack(y.z * s, y.w * s));

@@ -1,6 +1,6 @@
 // bwd_tiles.cuh — what only the backward needs: tile shapes per head dim, the transposed mask scan
-// (which query tiles can see one key tile), the dQ reduction into global memory and the ordered
-// turns of deterministic mode.
+// (which query tiles can see one key tile), the dQ reduction into global memory, and deterministic
+// mode's fixed-point dQ and ordered dbias turns.
 #pragma once
 #include "mask.cuh"
 
@@ -195,13 +195,48 @@ __device__ __forceinline__ void red_add_f32x2(float* dst, float x, float y, bool
 #endif
 }
 
-// ---- deterministic mode: ordered turns. The contributions to one accumulator (a dq_accum tile,
-// a shared dbias_accum tile) are added in a fixed turn order 0, 1, 2, ...: turn t may add once
-// bits [0, t) of the accumulator's words are all set. A contributor sets its bit after its adds
-// (each adding thread fences, then a barrier, then one thread marks: turn_done when that thread is
-// the only adder), or at once when it has nothing to add there, so nobody ever waits on a
-// contributor that skips. Waits only ever target CTAs of lower linear block index, which the
-// hardware launches first, so the chain always progresses.
+// ---- deterministic mode, dQ: 32-bit fixed point, so that the order of the adds does not matter
+// (integer addition is associative: any interleaving of the key tiles' adds gives the same bits,
+// with no CTA ever waiting on another). Row i's contributions are scaled by q_i = 2^e_i, chosen by
+// bwd_preprocess_kernel from a bound that no partial sum of the row can exceed:
+//   |sum_j dS_ij K_jd| <= max|K| sum_j |dS_ij|,  sum_j |dS_ij| = sum_j P_ij |dP_ij - D_i|
+//                      <= 2 max_j |dP_ij| <= 2 ||dO_i|| max_j ||V_j||      (P sums to 1, Cauchy-Schwarz)
+// so bound_i = 2 ||dO_i|| max||V_j|| max|K| (softcap's factor 1 - tanh^2 only shrinks it) and q_i
+// bound_i <= 2^30: a factor 2 below the int32 range, for the rounding of P and dS in bf16. Each add
+// rounds to 1 / q_i, i.e. 2^-30 of the bound: after n_tiles adds, an absolute error of at most
+// n_tiles 2^-31 bound_i.
+// Two adjacent columns travel in one 64-bit integer add, the same requests as red.add.v2.f32:
+// u = hi * 2^32 + lo (lo sign-extended) adds exactly mod 2^64, and since |sum lo| < 2^31 the sums
+// separate again: lo = low 32 bits as int32, hi = (u - lo) / 2^32 (fixed_point_pair).
+__device__ __forceinline__ float fixed_point_scale(float bound) {
+  if (!(bound > 0.f) || !(bound < 3.0e38f)) return 1.f;  // zero dO (every add is 0), or inf / NaN
+  int e;
+  frexpf(bound, &e);  // bound < 2^e
+  return ldexpf(1.f, max(-120, min(120, 30 - e)));
+}
+
+// dst[0..1] += (rint(x q), rint(y q)) as one 64-bit integer reduction (fixed_point_scale).
+__device__ __forceinline__ void red_add_fixed2(float* dst, float x, float y, float q, bool add = true) {
+  const long long lo = __float2int_rn(x * q);
+  const u64 u = (static_cast<u64>(static_cast<u32>(__float2int_rn(y * q))) << 32) + static_cast<u64>(lo);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p red.global.add.u64 [%0], %1;\n}\n" ::"l"(dst), "l"(u),
+      "r"(static_cast<int>(add))
+      : "memory");
+}
+
+// The two column sums of a 64-bit fixed-point word, as integers.
+__device__ __forceinline__ int2 fixed_point_pair(u64 u) {
+  const int lo = static_cast<int>(static_cast<u32>(u));
+  return make_int2(lo, static_cast<int>((u - static_cast<u64>(static_cast<long long>(lo))) >> 32));
+}
+
+// ---- deterministic mode, shared dbias: ordered turns. The contributions to a shared dbias_accum
+// tile are added in a fixed turn order 0, 1, 2, ...: turn t may add once bits [0, t) of the tile's
+// words are all set. A contributor sets its bit after its adds (each adding thread fences, then a
+// barrier, then one thread marks), or at once when it has nothing to add there, so nobody ever
+// waits on a contributor that skips. Waits only ever target CTAs of lower linear block index,
+// which the hardware launches first, so the chain always progresses.
 __device__ __forceinline__ void turn_wait(const u32* words, int turn) {
   for (int w = 0; w * 32 < turn; ++w) {
     const u32 need = turn - w * 32 >= 32 ? 0xffffffffu : (1u << (turn - w * 32)) - 1u;
@@ -215,12 +250,6 @@ __device__ __forceinline__ void turn_wait(const u32* words, int turn) {
 __device__ __forceinline__ void turn_mark(u32* words, int turn) {
   asm volatile("red.relaxed.gpu.global.or.b32 [%0], %1;\n" :: "l"(words + turn / 32), "r"(1u << (turn % 32))
                : "memory");
-}
-
-// Publishes the adds of the calling thread and of every thread that passed a barrier with it.
-__device__ __forceinline__ void turn_done(u32* words, int turn) {
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  turn_mark(words, turn);
 }
 
 }  // namespace dmattn

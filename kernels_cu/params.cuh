@@ -63,7 +63,7 @@ struct BwdParams {
   const float* lse;        // (B, H, Sq)
   float* row_stats;        // (B, H, Sq, 2): {lse * log2(e) (+inf for an empty row), rowsum(dO * O)},
                            // written by bwd_preprocess_kernel
-  float* dq_accum;         // (B, Sq, H, D_TILE) fp32
+  float* dq_accum;         // (B, H, Sq, D) fp32 sums (deterministic: pairs of int32, bwd_tiles.cuh)
   void* dq;                // (B, Sq, H, D) contiguous, input dtype
   void* dk;                // (B, Sk, Hk, D) contiguous
   void* dv;                // (B, Sk, Hk, D) contiguous
@@ -72,11 +72,14 @@ struct BwdParams {
   i64 dbias_stride[4];     // batch, head, row, key of dbias (or dbias_accum); 0 where reduced
   int dbias_rows_reduced;  // 1: bias broadcasts over query rows (sum dS over rows)
   int dbias_head_div;      // query head h adds into dbias head h / dbias_head_div
-  int deterministic;       // 1: dq_accum and dbias_accum are added in a fixed order
+  int deterministic;       // 1: dq_accum in fixed point, shared dbias_accum added in a fixed order
   int chunk_tiles;         // query tiles per CTA: a key tile's query range is cut, from the last
                            // query tile down, into chunks of this many (one chunk: all of it)
-  u32* turns;              // deterministic mode, zeroed: ordering bits of the dq_accum tiles, then
-                           // of the shared dbias_accum tiles (bwd_tiles.cuh, turn_wait)
+  u32* turns;              // deterministic mode, zeroed: ordering bits of the shared dbias_accum
+                           // tiles (bwd_tiles.cuh, turn_wait)
+  u32* kv_bound;           // deterministic mode, zeroed: max |K|, max ||V_j|| (float bits)
+  float* dq_scale;         // deterministic mode: (B, H, Sq) fixed-point scale of each dq_accum row
+                           // (null: dq_accum holds fp32 sums)
   float* dkv_partial;      // key tiles cut into several chunks: fp32 dK, dV of each chunk
   int* dkv_count;          // chunks finished per (head-dim part, b, kv head, key tile), zeroed
   u64* tiles_visited;

@@ -32,10 +32,12 @@ struct fp16_t {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
     return f;
   }
-  // Bias values: fp16's minimum is finite in base 2, no floor needed.
-  static __device__ __forceinline__ float2 bias_pair(u32 x) {
+  // The two halves of a packed pair, low first.
+  static __device__ __forceinline__ float2 unpack(u32 x) {
     return make_float2(to_float(static_cast<u16>(x & 0xffffu)), to_float(static_cast<u16>(x >> 16)));
   }
+  // Bias values: fp16's minimum is finite in base 2, no floor needed.
+  static __device__ __forceinline__ float2 bias_pair(u32 x) { return unpack(x); }
   static __device__ __forceinline__ float bias(u16 x) { return to_float(x); }
 };
 
@@ -48,10 +50,13 @@ struct bf16_t {
   static __device__ __forceinline__ float to_float(u16 x) {
     return __uint_as_float(static_cast<u32>(x) << 16);
   }
+  static __device__ __forceinline__ float2 unpack(u32 x) {
+    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  }
   // Bias values: both halves raised to kBiasFloor with one packed max, then unpacked.
   static __device__ __forceinline__ float2 bias_pair(u32 x) {
     asm("max.bf16x2 %0, %1, %2;" : "=r"(x) : "r"(x), "r"(kBiasFloorBf16x2));
-    return make_float2(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+    return unpack(x);
   }
   static __device__ __forceinline__ float bias(u16 x) { return fmaxf(to_float(x), kBiasFloor); }
 };

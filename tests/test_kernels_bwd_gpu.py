@@ -237,6 +237,31 @@ def check_deterministic(q, k, v, mask, bias):
         assert rel_err(got, exp) <= TOL["bfloat16"], name
 
 
+def test_deterministic_rows_of_any_scale():
+    """Deterministic dQ adds in fixed point with a scale per row (from the row's own bound): rows
+    of dout ten orders of magnitude apart are each as accurate as the default mode's fp32 adds
+    make them (one scale for all rows would round the small rows' sums away)."""
+    q, k, v, mask, bias = make_inputs(1, 300, 300, 4, 2, 64, "bfloat16", (1, 1, 300, 300), (1, 2, 300, 300))
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=True, return_lse=True)
+    row_scale = 10.0 ** cupy.random.uniform(-5, 5, (1, 300, 4, 1))
+    dout = (cupy.random.standard_normal(q.shape) * row_scale).astype(q.dtype)
+    want = ref.backward(dout, q, k, v, mask, bias, causal=True)[0]
+    # a row's own size (a row whose sums cancel, e.g. one visible key, has dq ~ 0: its dout's)
+    size = cupy.maximum(cupy.linalg.norm(want, axis=-1),
+                        1e-2 * cupy.linalg.norm(dout.astype(cupy.float64), axis=-1))
+
+    def row_errors(deterministic):
+        poison_pool()
+        dq = dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, causal=True,
+                                  deterministic=deterministic)[0]
+        return cupy.linalg.norm(dq.astype(cupy.float64) - want, axis=-1) / size
+
+    fixed, fp32 = row_errors(True), row_errors(False)
+    # at most a bf16 rounding step (2^-8) more than the default's error, in every row
+    excess = float((fixed - fp32).max())
+    assert excess <= 2.0 ** -8, f"fixed-point dq: a row {excess:.2e} less accurate than fp32 adds"
+
+
 def _chunks(q, k, mask, bias, causal):
     """How many query chunks bwd_config cuts the longest key tile into on this GPU."""
     from dmattn_cupy._cuda.bwd_config import bwd_config

@@ -1,7 +1,9 @@
 """Backward launcher: dq, dk, dv (and dbias) from dout and the forward's out, lse.
 
-Three launches on CuPy's current stream (kernels_cu/bwd.cu):
+Three launches on CuPy's current stream (kernels_cu/bwd.cu), four in deterministic mode:
+  bwd_kv_bound_kernel    deterministic: max |K| and max ||V_j||, the bound of fixed-point dQ
   bwd_preprocess_kernel  row stats {lse * log2 e, D = rowsum(dO * O)}, dq_accum = 0
+                         (deterministic: each row's fixed-point scale)
   bwd_dkdv_kernel        dK, dV, dbias per key tile (or query chunk of it); dQ added into dq_accum
                          (Hopper, tile head dims 64 and 128: warpgroup products, built for sm_90a)
   bwd_convert_dq_kernel  dq = scale * dq_accum in the input dtype
@@ -9,8 +11,9 @@ dbias is written directly in the bias dtype when each element has one writer (th
 the skipped tiles' zeros too, so dbias is not memset first); when several CTAs
 share an element (bias broadcast over batch, or one bias head for several kv heads) the kernel adds
 into an fp32 buffer of the bias's shape, converted at the end. Scratch, all zeroed in one buffer
-when needed: the chunk counters (key tiles cut into query chunks) and the turn bits of
-deterministic mode; the chunks' fp32 dK, dV partials are not zeroed (every slot is written).
+when needed: the chunk counters (key tiles cut into query chunks), and in deterministic mode the
+K/V bound and the turn bits of shared dbias tiles; the chunks' fp32 dK, dV partials are not zeroed
+(every slot is written).
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     dq = cupy.empty((B, Sq, H, D), dtype=q.dtype)
     dk = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
     dv = cupy.empty((B, Sk, Hk, D), dtype=q.dtype)
-    # scratch (zeroed): chunk counters per (head-dim part, b, kv head, key tile), then turn bits
+    # scratch (zeroed): chunk counters per (head-dim part, b, kv head, key tile), then in
+    # deterministic mode the K/V bound (2 words) and the shared dbias tiles' turn bits
     counters = B * Hk * cfg.n_tiles * tiles.d_split if cfg.chunks > 1 else 0
-    turn_words = cfg.dq_turn_words + cfg.db_turn_words if deterministic else 0
-    scratch = cupy.zeros(counters + turn_words, dtype=numpy.uint32) if counters + turn_words else None
+    det_words = 2 + cfg.db_turn_words if deterministic else 0
+    scratch = cupy.zeros(counters + det_words, dtype=numpy.uint32) if counters + det_words else None
+    dq_scale = cupy.empty((B, H, Sq), dtype=numpy.float32) if deterministic else None
     dkv_partial = None
     if cfg.chunks > 1:  # fp32 dK, dV per (part, b, kv head, key tile, chunk): 2 x block_n x D/d_split
         dkv_partial = cupy.empty(B * Hk * cfg.n_tiles * cfg.chunks * 2 * tiles.block_n * tiles.head_dim,
@@ -106,13 +111,18 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
     if counters:
         rec["dkv_count"] = scratch.data.ptr
         rec["dkv_partial"] = dkv_partial.data.ptr
-    if turn_words:
-        rec["turns"] = scratch.data.ptr + 4 * counters
+    if deterministic:
+        rec["kv_bound"] = scratch.data.ptr + 4 * counters
+        rec["turns"] = scratch.data.ptr + 4 * (counters + 2)
+        rec["dq_scale"] = dq_scale.data.ptr
     if tiles_visited is not None:
         rec["tiles_visited"] = tiles_visited.data.ptr
 
     elem = nvrtc.element_type(q.dtype)
     rows = B * H * Sq
+    if deterministic:
+        bound = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_kv_bound_kernel", elem))
+        nvrtc.launch(bound, (min(math.ceil(B * Sk * Hk / 4), 8 * sm_count),), THREADS, rec)
     pre = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name("bwd_preprocess_kernel", elem))
     nvrtc.launch(pre, (math.ceil(rows / 4),), THREADS, rec)
     kernel = nvrtc.get_kernel("bwd.cu", nvrtc.kernel_name(

@@ -38,7 +38,7 @@ class BwdTiles:
     d_split: int    # CTAs along the head dim (each owns head_dim / d_split output columns)
     warps: int
     max_ctas_per_sm: int    # as registers allow (__launch_bounds__ minimum blocks)
-    dq_warps: int   # warps that compute (and, deterministic, order) the dQ tile
+    dq_warps: int   # warps that compute the dQ tile
     wgmma: bool = False     # Hopper warpgroup products (kernels_cu/bwd_mma.cuh, BwdWgmma)
 
     @classmethod
@@ -92,7 +92,6 @@ class BwdConfig:
     chunk_tiles: int      # query tiles per chunk (m_tiles: key tiles are not cut)
     chunks: int           # chunks of the longest key tile (grid y / d_split)
     smem_bytes: int
-    dq_turn_words: int    # deterministic mode: ordering bits of the dq_accum tiles (uint32 words)
     db_turn_words: int    # deterministic mode: ordering bits of the shared dbias_accum tiles
 
     @property
@@ -185,9 +184,8 @@ def bwd_config(*, head_dim: int, batch: int, heads: int, kv_heads: int, seqlen_q
         group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal, slots=sm_count * resident,
         can_chunk=not (bias_bytes and bias_rows_reduced))
     chunks = math.ceil(m_tiles / chunk_tiles)
-    dq_words = tiles.d_split * batch * heads * m_tiles * tiles.dq_warps * math.ceil(n_tiles / 32)
     db_words = 0
     if dbias_atomic:
         db_words = (n_tiles * batch * kv_heads * (1 if bias_rows_reduced else m_tiles)
                     * math.ceil(dbias_sharers / 32))
-    return BwdConfig(tiles, m_tiles, n_tiles, chunk_tiles, chunks, smem, dq_words, db_words)
+    return BwdConfig(tiles, m_tiles, n_tiles, chunk_tiles, chunks, smem, db_words)

@@ -62,7 +62,8 @@ COVERING_SET = {
     + [(kernel_name("bwd_dkdv_kernel", t, d, True, *f), "BwdParams", HOPPER)
        for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS]
     + [(kernel_name(k, t), "BwdParams", PORTABLE)
-       for k in ("bwd_preprocess_kernel", "bwd_convert_dq_kernel") for t in (BF16, FP16)],
+       for k in ("bwd_kv_bound_kernel", "bwd_preprocess_kernel", "bwd_convert_dq_kernel")
+       for t in (BF16, FP16)],
     "topk.cu": [(kernel_name("topk_mask_kernel", *f), "TopkParams", PORTABLE) for f in TOPK_FLAGS],
 }
 

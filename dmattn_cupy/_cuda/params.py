@@ -47,7 +47,8 @@ BWD_PARAMS = numpy.dtype(
         ("dbias_stride", _I64, (4,)),
         ("dbias_rows_reduced", _I32), ("dbias_head_div", _I32),
         ("deterministic", _I32), ("chunk_tiles", _I32),
-        ("turns", _PTR), ("dkv_partial", _PTR), ("dkv_count", _PTR), ("tiles_visited", _PTR),
+        ("turns", _PTR), ("kv_bound", _PTR), ("dq_scale", _PTR),
+        ("dkv_partial", _PTR), ("dkv_count", _PTR), ("tiles_visited", _PTR),
     ],
     align=True,
 )

@@ -101,7 +101,7 @@ def flash_dmattn_func(
         is_causal: causal mask aligned to the bottom-right corner (key j is visible to query i
             when j <= i + Sk - Sq). None means False.
         softcap: > 0 applies s = softcap * tanh(s / softcap) after the bias. None means 0.
-        deterministic: deterministic backward on CUDA (bitwise reproducible dbias/dk/dv).
+        deterministic: deterministic backward on CUDA (bitwise reproducible dq/dk/dv/dbias).
             None means False here (flash-dmattn's None means True); the CPU path is always
             deterministic.
         return_attn_probs: for testing, as in flash-dmattn: also return lse (B, H, Sq) and the
