@@ -26,17 +26,24 @@
 //   sK[KS]      K tiles, a ring over visits: slot i % KS
 //   sV[2]       V tiles: slot i % 2
 //   sAux[KS]    mask | bias tiles (seq_rows x (kBlockN * E + 16) each), slot i % KS, like K
+//   sBar[KS+2]  TMA mode: the mbarriers of the K slots, then of the V slots
 //   sBits       one bit per key tile of the split (mask scan result)
-// cp.async: at the top of iteration i (after its barrier) the CTA copies V_i and then K, mask,
-// bias of visit i + KS - 1 — two commit groups. The barrier at the top of iteration i guarantees:
-//   - K_i, aux_i (copied in iteration i - KS + 1) and V_{i-1} (iteration i - 1) have landed for
-//     every thread (wait_group KS - 2 leaves only the K/aux groups of later visits in flight)
-//     and are visible to the async proxy (each thread fences its copies before the barrier);
+// Copies: at the top of iteration i (after its barrier) the CTA copies V_i and then K, mask,
+// bias of visit i + KS - 1 — two cp.async commit groups. With p.kv_tma (tma.cuh; the host encodes
+// the maps) thread 0 has K and V copied by TMA instead, each slot counting its bytes on its
+// mbarrier (a 64 x 128 tile costs the CTA two instructions, not 128 threads x 8 cp.async and their
+// address math), and the commit groups hold only mask and bias. The barrier at the top of
+// iteration i guarantees:
+//   - aux_i (copied in iteration i - KS + 1), and with cp.async K_i and V_{i-1} (iteration i - 1),
+//     have landed for every thread (wait_group KS - 2 leaves only the groups of later visits in
+//     flight) and are visible to the async proxy (each thread fences its copies before the
+//     barrier); TMA's K_i and V_{i-1} are waited for on their mbarriers before their products;
 //   - slot (i + KS - 1) % KS = (i - 1) % KS is free: S_{i-1} was waited for and aux_{i-1} read in
 //     iteration i - 1; slot i % 2 of V is free: P V_{i-2} was waited for in iteration i - 1.
 // config.py mirrors the carve-up.
 #include "fwd_block.cuh"
 #include "tile_mma.cuh"
+#include "tma.cuh"
 
 namespace dmattn {
 
@@ -69,19 +76,40 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   unsigned char* sKBase = smem + Tiles::tile_bytes(BM);
   unsigned char* sVBase = sKBase + KS * kTile;
   unsigned char* sAuxBase = sVBase + Tr::kVStages * kTile;
-  u32* sBits = reinterpret_cast<u32*>(sAuxBase + KS * aux_bytes);
+  u64* sBar = reinterpret_cast<u64*>(sAuxBase + KS * aux_bytes);  // aux rows are 16-byte multiples
+  u32* sBits = reinterpret_cast<u32*>(sBar + KS + Tr::kVStages);
   // Slots by visit index i.
   auto sK = [&](int i) { return reinterpret_cast<u16*>(sKBase + (i % KS) * kTile); };
   auto sV = [&](int i) { return reinterpret_cast<u16*>(sVBase + (i % Tr::kVStages) * kTile); };
   auto sMask = [&](int i) { return sAuxBase + (i % KS) * aux_bytes; };
   auto sBias = [&](int i) { return sMask(i) + blk.seq_rows * Block::kMaskRow; };
+  // TMA: a K or V tile of key tile t into `tile`, its bytes counted on `bar` (thread 0 only); the
+  // box is one 64-column slab, so a 128-column head dim takes two.
+  const bool tma = p.kv_tma != 0;
+  const int kv_head = blk.h0 / p.a.group;
+  auto tma_tile = [&](u16* tile, const TensorMap& map, u64* bar, int t) {
+    mbar_expect_tx(bar, kTile);
+#pragma unroll
+    for (int c = 0; c < HEAD_DIM / 64; ++c) tma_load_4d(tile + c * BN * 64, map, bar, c * 64, kv_head, t * BN, blk.b);
+  };
+  // Visit i reads K slot i % KS, filled for the (i / KS)-th time, and V slot i % 2 likewise.
+  auto wait_k = [&](int i) { if (tma) mbar_wait(sBar + i % KS, (i / KS) & 1); };
+  auto wait_v = [&](int i) { if (tma) mbar_wait(sBar + KS + i % Tr::kVStages, (i / Tr::kVStages) & 1); };
   auto load_k_aux = [&](int t, int i) {
     if (t < blk.t_end) {
-      blk.template load_k<Tiles>(sK(i), t);
+      if (!tma)
+        blk.template load_k<Tiles>(sK(i), t);
+      else if (threadIdx.x == 0)
+        tma_tile(sK(i), p.k_map, sBar + i % KS, t);
       blk.load_aux(sMask(i), sBias(i), t);
     }
     cp_async_commit();
   };
+  if (tma && threadIdx.x == 0) {
+    for (int j = 0; j < KS + Tr::kVStages; ++j) mbar_init(sBar + j);
+    mbar_init_fence();
+  }
+  __syncthreads();  // the barriers are initialized before any copy counts on them
   // The active tile after t (t_end: none).
   auto after = [&](int t) { return t < blk.t_end ? blk.next_tile(sBits, t + 1) : blk.t_end; };
 
@@ -118,8 +146,11 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<KS - 2>();
     Tiles::copies_visible();
     __syncthreads();
-    blk.template load_v<Tiles>(sV(i), ahead[0]);
-    cp_async_commit();
+    if (!tma)
+      blk.template load_v<Tiles>(sV(i), ahead[0]);
+    else if (threadIdx.x == 0)
+      tma_tile(sV(i), p.v_map, sBar + KS + i % Tr::kVStages, ahead[0]);
+    cp_async_commit();  // (empty with TMA: the group count stays that of the cp.async copies)
     load_k_aux(t_last, i + KS - 1);
     return t_last;
   };
@@ -137,6 +168,7 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   if (ahead[0] < blk.t_end) {
     // Visit 0: S_0 = Q K_0^T, P_0 (nothing to overlap yet; O is zero, so alpha is moot).
     int t_last = begin_visit(0);
+    wait_k(0);
     wgmma_fence();
     Tiles::qk_issue(s, sQw, sK(0));
     const bool full0 = blk.mask_rows_full(sMask(0), aux_row, lane);
@@ -150,6 +182,8 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     // the compiler from issue to wait.
     for (visit = 1; ahead[0] < blk.t_end; ++visit) {
       t_last = begin_visit(visit);
+      wait_k(visit);
+      wait_v(visit - 1);
       wgmma_fence();
       Tiles::qk_issue(s, sQw, sK(visit));                                    // S_i = Q K_i^T
       Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));                         // O += P_{i-1} V_{i-1}
@@ -170,6 +204,7 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<1>();
     Tiles::copies_visible();
     __syncthreads();
+    wait_v(visit - 1);
     wgmma_fence();
     Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));
     wgmma_wait<0>();

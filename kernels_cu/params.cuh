@@ -38,7 +38,15 @@ __device__ __forceinline__ i64 bshd_row_offset(const AttnParams& a, i64 row, con
   return (bh / a.heads) * stride[0] + seq * stride[1] + (bh % a.heads) * stride[2];
 }
 
+// A TMA tensor map (CUtensorMap: 128 opaque bytes, 64-byte aligned), encoded on the host by
+// cuTensorMapEncodeTiled (dmattn_cupy/_cuda/tma.py) and read by the copy instruction (tma.cuh).
+struct alignas(64) TensorMap {
+  u64 opaque[16];
+};
+
 struct FwdParams {
+  TensorMap k_map;         // fwd_wgmma_kernel with kv_tma: K and V as (D, Hk, Sk, B) tensors, boxes
+  TensorMap v_map;         // of 64 columns x kBlockN keys, 128-byte swizzled (the wgmma slabs)
   AttnParams a;
   void* out;               // (B, Sq, H, D), input dtype
   i64 o_stride[3];
@@ -52,6 +60,7 @@ struct FwdParams {
   int tiles_per_split;     // key tiles per split
   int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
   int keys_per_split;      // decode kernel: keys per split
+  int kv_tma;              // 1: fwd_wgmma_kernel copies K and V tiles by TMA (k_map, v_map)
 };
 
 struct BwdParams {

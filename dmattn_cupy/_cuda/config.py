@@ -172,8 +172,8 @@ def _fwd_config(tiles: FwdTiles, batch, heads, group, seqlen_q, seqlen_k, mask_b
     kv = tiles.tile_bytes(tiles.block_n)
     aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
-    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | sBits
-        smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv
+    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | mbarriers[KS + 2] | sBits
+        smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv + 8 * (tiles.k_stages + WGMMA_V_STAGES)
         return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
     stage = math.ceil((2 * kv + aux) / 16) * 16                   # [K | V | mask | bias]
     stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2

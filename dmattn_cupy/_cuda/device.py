@@ -36,3 +36,12 @@ def mma_choice() -> str:
     if choice not in ("auto", "wgmma", "sync"):
         raise ValueError(f"DMATTN_CUPY_MMA must be auto, wgmma or sync; got {choice!r}")
     return choice
+
+
+def tma_enabled() -> bool:
+    """Whether the Hopper forward copies K and V by TMA (kernels_cu/tma.cuh) where their strides
+    allow: on unless DMATTN_CUPY_TMA=0 (cp.async instead; the tests run both)."""
+    value = os.environ.get("DMATTN_CUPY_TMA", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"DMATTN_CUPY_TMA must be 0 or 1; got {value!r}")
+    return value == "1"

@@ -16,11 +16,13 @@ from . import device
 from .config import DECODE_THREADS, combine_blocks, combine_threads, decode_config, fwd_config, use_decode, use_wgmma
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
-from .params import FWD_PARAMS, new_record, pointer_slots
+from .params import FWD_PARAMS, TENSOR_MAP_WORDS, new_record, pointer_slots
+from .tma import kv_tensor_map
 
 _INPUTS = list(pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias"))
 _OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS = pointer_slots(
     FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals")
+_K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("k_map", "v_map"))
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class FwdPlan:
     partial_elems: int      # fp32 elements of the split partials: outputs, then their lse
     arrivals: int           # decode kernel: arrival counters it needs (one per batch x kv head)
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
+    tma_keys: int = 0       # Hopper kernel with TMA: keys per K/V box (the maps are per call)
 
 
 _PLANS: dict = {}
@@ -82,7 +85,7 @@ def _operands(q, k, v, mask, bias, problem):
             aux_operand(bias, heads=H, kv_heads=Hk, seqlen_k=Sk, is_mask=False))
 
 
-def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str) -> FwdPlan:
+def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str, tma: bool) -> FwdPlan:
     q2, k2, v2, m, b = _operands(q, k, v, mask, bias, problem)
     B, Sq, Sk, H, D = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads, problem.head_dim
     Hk = problem.kv_heads
@@ -108,9 +111,13 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
     fill_attn(rec, problem, q2, k2, v2, m, b, cfg.pack)
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
+    tma_keys = 0
     if cfg.tiles.wgmma:
         kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
             "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, *flags), "sm_90a")
+        if tma and all(kv_tensor_map(x, cfg.tiles.block_n) is not None for x in (k2, v2)):
+            tma_keys = cfg.tiles.block_n
+            rec["kv_tma"] = 1
     else:
         kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_kernel", elem, cfg.tiles.head_dim, *flags))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
@@ -118,7 +125,7 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
     return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
                    cfg.tiles.threads, cfg.smem_bytes, combine, (combine_blocks(cfg.num_splits, B * H * Sq),),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
-                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem)
+                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem, tma_keys)
 
 
 def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
@@ -132,16 +139,16 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     import cupy
 
     capability, sm_count = device.current()
-    choice = device.mma_choice()
+    choice, tma = device.mma_choice(), device.tma_enabled()
     ptrs = tuple(0 if x is None else x.data.ptr for x in (q, k, v, mask, bias))
     # validate_attention hands out one Problem per signature (array types, shapes, dtypes,
     # strides and options), so its identity stands for all of them; the plan keeps it alive.
-    key = (id(problem), tuple(ptr % 16 == 0 for ptr in ptrs), sm_count, choice)
+    key = (id(problem), tuple(ptr % 16 == 0 for ptr in ptrs), sm_count, choice, tma)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(q, k, v, mask, bias, problem, capability, sm_count, choice)
+        plan = _PLANS[key] = _plan(q, k, v, mask, bias, problem, capability, sm_count, choice, tma)
     if plan.prepare:
         q, k, v, m, _ = _operands(q, k, v, mask, None, problem)
         ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, m.ptr, ptrs[4])
@@ -154,6 +161,10 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     words[_OUT] = out.data.ptr
     words[_LSE] = 0 if lse is None else lse.data.ptr
     words[_TILES_VISITED] = 0 if tiles_visited is None else tiles_visited.data.ptr
+    if plan.tma_keys:  # the plan's key fixes strides and alignment: these arrays encode as its did
+        k_map, v_map = (kv_tensor_map(x, plan.tma_keys) for x in (k, v))
+        words[_K_MAP:_K_MAP + TENSOR_MAP_WORDS] = k_map
+        words[_V_MAP:_V_MAP + TENSOR_MAP_WORDS] = v_map
     if plan.arrivals:  # the decode kernel: small scratch, kept per stream (a decode step is short)
         ws = _decode_workspace(plan.partial_elems, plan.arrivals)
         partials = ws.partials

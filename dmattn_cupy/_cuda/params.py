@@ -28,15 +28,30 @@ ATTN_PARAMS = numpy.dtype(
     align=True,
 )
 
-FWD_PARAMS = numpy.dtype(
+
+
+def _padded(dtype: numpy.dtype, alignment: int) -> numpy.dtype:
+    """dtype with its size rounded up to `alignment` (C pads a struct with an alignas(64) member
+    to a multiple of 64 bytes; NumPy's align=True only knows alignments up to 16)."""
+    size = -(-dtype.itemsize // alignment) * alignment
+    return numpy.dtype({"names": list(dtype.names), "formats": [dtype.fields[n][0] for n in dtype.names],
+                        "offsets": [dtype.fields[n][1] for n in dtype.names], "itemsize": size})
+
+
+TENSOR_MAP_WORDS = 16  # CUtensorMap: 128 bytes, 64-byte aligned (params.cuh TensorMap)
+
+FWD_PARAMS = _padded(numpy.dtype(
     [
+        # first, so that the 64-byte alignment holds at offsets 0 and 128
+        ("k_map", numpy.uint64, (TENSOR_MAP_WORDS,)), ("v_map", numpy.uint64, (TENSOR_MAP_WORDS,)),
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
         ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
         ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
+        ("kv_tma", _I32),
     ],
     align=True,
-)
+), 64)
 
 BWD_PARAMS = numpy.dtype(
     [
