@@ -8,7 +8,8 @@
 //           fit the wide shape);
 //   wide    two warpgroups, 128 rows x 128-key tiles, K ring of 2, one CTA per multiprocessor:
 //           each K/V tile feeds twice the rows (half the K/V traffic per FLOP) and each barrier,
-//           wait and softmax step covers twice the keys (FlashAttention-3's D = 128 shape).
+//           wait and softmax step covers twice the keys (FlashAttention-3's D = 128 shape); K and
+//           V tiles by TMA (below), so the host runs it only where their tensor maps encode.
 //
 // Why overlap: issued one after another, Q K^T, the softmax and P V take turns and the tensor
 // cores idle during the softmax. wgmma is asynchronous, so each iteration issues two products
@@ -26,14 +27,16 @@
 //   sK[KS]      K tiles, a ring over visits: slot i % KS
 //   sV[2]       V tiles: slot i % 2
 //   sAux[KS]    mask | bias tiles (seq_rows x (kBlockN * E + 16) each), slot i % KS, like K
-//   sBar[KS+2]  TMA mode: the mbarriers of the K slots, then of the V slots
+//   sBar[KS+2]  wide: the mbarriers of the K slots, then of the V slots
 //   sBits       one bit per key tile of the split (mask scan result)
 // Copies: at the top of iteration i (after its barrier) the CTA copies V_i and then K, mask,
-// bias of visit i + KS - 1 — two cp.async commit groups. With p.kv_tma (tma.cuh; the host encodes
-// the maps) thread 0 has K and V copied by TMA instead, each slot counting its bytes on its
-// mbarrier (a 64 x 128 tile costs the CTA two instructions, not 128 threads x 8 cp.async and their
-// address math), and the commit groups hold only mask and bias. The barrier at the top of
-// iteration i guarantees:
+// bias of visit i + KS - 1 — two cp.async commit groups. The wide kernel (kTma; tma.cuh, the
+// host encodes the maps) has thread 0 copy K and V by TMA instead, each slot counting its bytes on
+// its mbarrier (a 128 x 128 tile costs the CTA three instructions, not 256 threads x 8 cp.async
+// and their address math; gqa8k dense 1.16-1.18 -> 1.08-1.10 ms), and the commit groups hold only Q,
+// mask and bias. Narrow CTAs keep cp.async: there TMA measured no gain (their masked steps are
+// latency-bound), and even a runtime switch between the two cost the masked configs 3-6% (H100,
+// seed_16k 0.425 -> 0.446 ms). The barrier at the top of iteration i guarantees:
 //   - aux_i (copied in iteration i - KS + 1), and with cp.async K_i and V_{i-1} (iteration i - 1),
 //     have landed for every thread (wait_group KS - 2 leaves only the groups of later visits in
 //     flight) and are visible to the async proxy (each thread fences its copies before the
@@ -56,6 +59,7 @@ struct WgmmaFwdTraits {
   static constexpr int kKStages = WARPGROUPS == 1 ? 3 : 2;  // visit i + KS - 1 copied during visit i
   static constexpr int kVStages = 2;  // V_i is copied during visit i, read during visit i + 1
   static constexpr int kMinBlocks = WARPGROUPS == 2 ? 1 : HEAD_DIM == 64 ? (HAS_AUX ? 3 : 4) : 2;
+  static constexpr bool kTma = WARPGROUPS == 2;  // K and V tiles by TMA (p.k_map, p.v_map)
 };
 
 template <typename T, int HEAD_DIM, int WARPGROUPS, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
@@ -85,7 +89,7 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   auto sBias = [&](int i) { return sMask(i) + blk.seq_rows * Block::kMaskRow; };
   // TMA: a K or V tile of key tile t into `tile`, its bytes counted on `bar` (thread 0 only); the
   // box is one 64-column slab, so a 128-column head dim takes two.
-  const bool tma = p.kv_tma != 0;
+  constexpr bool kTma = Tr::kTma;
   const int kv_head = blk.h0 / p.a.group;
   auto tma_tile = [&](u16* tile, const TensorMap& map, u64* bar, int t) {
     mbar_expect_tx(bar, kTile);
@@ -93,11 +97,15 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     for (int c = 0; c < HEAD_DIM / 64; ++c) tma_load_4d(tile + c * BN * 64, map, bar, c * 64, kv_head, t * BN, blk.b);
   };
   // Visit i reads K slot i % KS, filled for the (i / KS)-th time, and V slot i % 2 likewise.
-  auto wait_k = [&](int i) { if (tma) mbar_wait(sBar + i % KS, (i / KS) & 1); };
-  auto wait_v = [&](int i) { if (tma) mbar_wait(sBar + KS + i % Tr::kVStages, (i / Tr::kVStages) & 1); };
+  auto wait_k = [&](int i) {
+    if constexpr (kTma) mbar_wait(sBar + i % KS, (i / KS) & 1);
+  };
+  auto wait_v = [&](int i) {
+    if constexpr (kTma) mbar_wait(sBar + KS + i % Tr::kVStages, (i / Tr::kVStages) & 1);
+  };
   auto load_k_aux = [&](int t, int i) {
     if (t < blk.t_end) {
-      if (!tma)
+      if constexpr (!kTma)
         blk.template load_k<Tiles>(sK(i), t);
       else if (threadIdx.x == 0)
         tma_tile(sK(i), p.k_map, sBar + i % KS, t);
@@ -105,11 +113,13 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     }
     cp_async_commit();
   };
-  if (tma && threadIdx.x == 0) {
-    for (int j = 0; j < KS + Tr::kVStages; ++j) mbar_init(sBar + j);
-    mbar_init_fence();
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < KS + Tr::kVStages; ++j) mbar_init(sBar + j);
+      mbar_init_fence();
+    }
+    __syncthreads();  // the barriers are initialized before any copy counts on them
   }
-  __syncthreads();  // the barriers are initialized before any copy counts on them
   // The active tile after t (t_end: none).
   auto after = [&](int t) { return t < blk.t_end ? blk.next_tile(sBits, t + 1) : blk.t_end; };
 
@@ -146,7 +156,7 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<KS - 2>();
     Tiles::copies_visible();
     __syncthreads();
-    if (!tma)
+    if constexpr (!kTma)
       blk.template load_v<Tiles>(sV(i), ahead[0]);
     else if (threadIdx.x == 0)
       tma_tile(sV(i), p.v_map, sBar + KS + i % Tr::kVStages, ahead[0]);

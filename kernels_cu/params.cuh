@@ -45,8 +45,8 @@ struct alignas(64) TensorMap {
 };
 
 struct FwdParams {
-  TensorMap k_map;         // fwd_wgmma_kernel with kv_tma: K and V as (D, Hk, Sk, B) tensors, boxes
-  TensorMap v_map;         // of 64 columns x kBlockN keys, 128-byte swizzled (the wgmma slabs)
+  TensorMap k_map;         // the wide fwd_wgmma_kernel: K and V as (D, Hk, Sk, B) tensors, boxes of
+  TensorMap v_map;         // 64 columns x 128 keys, 128-byte swizzled (the wgmma slabs)
   AttnParams a;
   void* out;               // (B, Sq, H, D), input dtype
   i64 o_stride[3];
@@ -60,7 +60,6 @@ struct FwdParams {
   int tiles_per_split;     // key tiles per split
   int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
   int keys_per_split;      // decode kernel: keys per split
-  int kv_tma;              // 1: fwd_wgmma_kernel copies K and V tiles by TMA (k_map, v_map)
 };
 
 struct BwdParams {

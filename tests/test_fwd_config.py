@@ -15,8 +15,15 @@ H100_SMS = 132
 
 def _config(**kw):
     base = dict(head_dim=128, batch=2, heads=16, group=4, seqlen_q=8192, seqlen_k=8192,
-                mask_bytes=0, bias_bytes=0, shares_aux=True, sm_count=H100_SMS, wgmma=True)
+                mask_bytes=0, bias_bytes=0, shares_aux=True, sm_count=H100_SMS, wgmma=True, tma_kv=True)
     return fwd_config(**{**base, **kw})
+
+
+def test_wide_needs_tensor_maps():
+    """The wide kernel copies K and V by TMA: without their tensor maps (a stride TMA cannot
+    express, or DMATTN_CUPY_TMA=0) the narrow kernel runs."""
+    assert _config().tiles.warpgroups == 2
+    assert _config(tma_kv=False).tiles.warpgroups == 1
 
 
 def test_hopper_runs_wide_at_d128_when_it_fits():

@@ -14,6 +14,7 @@ TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 WGMMA_HEAD_DIMS = (64, 128)
 # Tile head dims where the Hopper kernel runs wide (two warpgroups, 128 x 128 tiles) when it fits.
 WGMMA_WIDE_HEAD_DIMS = (128,)
+WIDE_BLOCK_N = 128  # keys per tile of the wide kernel (two warpgroups; its K/V TMA boxes)
 WGMMA_V_STAGES = 2  # fwd_wgmma.cu, WgmmaFwdTraits::kVStages
 THREADS = 128  # one warpgroup: fwd_kernel, fwd_combine_kernel, the narrow Hopper kernel
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
@@ -52,7 +53,7 @@ class FwdTiles:
         """
         tile = tile_head_dim(head_dim)
         if wgmma and tile in WGMMA_HEAD_DIMS:
-            return cls(tile, 64 * warpgroups, 64 * warpgroups, True, warpgroups)
+            return cls(tile, 64 * warpgroups, WIDE_BLOCK_N // 2 * warpgroups, True, warpgroups)
         block_n = 64 if tile <= 64 or (tile == 128 and not has_aux) else 32
         return cls(tile, 128 if tile <= 128 else 64, block_n, False)
 
@@ -148,12 +149,13 @@ def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
 
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, shares_aux: bool,
-               sm_count: int, wgmma: bool = False) -> FwdConfig:
+               sm_count: int, wgmma: bool = False, tma_kv: bool = False) -> FwdConfig:
+    """tma_kv: K and V have tensor maps (tma.py) for 128-key boxes, which the wide kernel needs."""
     has_aux = mask_bytes + bias_bytes > 0
     # Wide only without a mask: one wide CTA per multiprocessor leaves its mask scan exposed,
     # while two narrow CTAs overlap one's scan with the other's products, which wins once the
     # mask is sparse (H100, gqa8k sweep at density 1/16: 0.33 ms wide, 0.30 ms narrow).
-    if wgmma and tile_head_dim(head_dim) in WGMMA_WIDE_HEAD_DIMS and not mask_bytes:
+    if wgmma and tma_kv and tile_head_dim(head_dim) in WGMMA_WIDE_HEAD_DIMS and not mask_bytes:
         wide = _fwd_config(FwdTiles.for_head_dim(head_dim, has_aux, True, 2), batch, heads, group,
                            seqlen_q, seqlen_k, mask_bytes, bias_bytes, shares_aux, sm_count)
         if wide.smem_bytes <= SMEM_PER_CTA:
@@ -172,7 +174,7 @@ def _fwd_config(tiles: FwdTiles, batch, heads, group, seqlen_q, seqlen_k, mask_b
     kv = tiles.tile_bytes(tiles.block_n)
     aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
-    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | mbarriers[KS + 2] | sBits
+    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | mbarriers[KS + 2] (wide) | sBits
         smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv + 8 * (tiles.k_stages + WGMMA_V_STAGES)
         return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
     stage = math.ceil((2 * kv + aux) / 16) * 16                   # [K | V | mask | bias]

@@ -13,7 +13,8 @@ import numpy
 
 from . import compile as nvrtc
 from . import device
-from .config import DECODE_THREADS, combine_blocks, combine_threads, decode_config, fwd_config, use_decode, use_wgmma
+from .config import (DECODE_THREADS, WIDE_BLOCK_N, combine_blocks, combine_threads, decode_config, fwd_config,
+                     use_decode, use_wgmma)
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, TENSOR_MAP_WORDS, new_record, pointer_slots
@@ -40,7 +41,7 @@ class FwdPlan:
     partial_elems: int      # fp32 elements of the split partials: outputs, then their lse
     arrivals: int           # decode kernel: arrival counters it needs (one per batch x kv head)
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
-    tma_keys: int = 0       # Hopper kernel with TMA: keys per K/V box (the maps are per call)
+    tma_keys: int = 0       # the wide Hopper kernel: keys per K/V box of its TMA maps (per call)
 
 
 _PLANS: dict = {}
@@ -103,21 +104,19 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
                        cfg.smem_bytes, None, (), 0, prepare, cfg.num_splits,
                        cfg.num_splits * B * H * Sq * (D + 1), B * Hk, problem)
     wgmma = use_wgmma(capability, D, choice)
+    tma_kv = wgmma and tma and all(kv_tensor_map(x, WIDE_BLOCK_N) is not None for x in (k2, v2))
     cfg = fwd_config(
         head_dim=D, batch=B, heads=H, group=H // Hk, seqlen_q=Sq, seqlen_k=Sk,
         mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
         shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count, wgmma=wgmma,
+        tma_kv=tma_kv,
     )
     fill_attn(rec, problem, q2, k2, v2, m, b, cfg.pack)
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
-    tma_keys = 0
     if cfg.tiles.wgmma:
         kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
             "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, *flags), "sm_90a")
-        if tma and all(kv_tensor_map(x, cfg.tiles.block_n) is not None for x in (k2, v2)):
-            tma_keys = cfg.tiles.block_n
-            rec["kv_tma"] = 1
     else:
         kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_kernel", elem, cfg.tiles.head_dim, *flags))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
@@ -125,7 +124,8 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
     return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
                    cfg.tiles.threads, cfg.smem_bytes, combine, (combine_blocks(cfg.num_splits, B * H * Sq),),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
-                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem, tma_keys)
+                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem,
+                   WIDE_BLOCK_N if cfg.tiles.warpgroups == 2 else 0)
 
 
 def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):

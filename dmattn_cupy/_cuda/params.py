@@ -48,7 +48,6 @@ FWD_PARAMS = _padded(numpy.dtype(
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
         ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
         ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
-        ("kv_tma", _I32),
     ],
     align=True,
 ), 64)
