@@ -33,10 +33,10 @@
 // bias of visit i + KS - 1 — two cp.async commit groups. The wide kernel (kTma; tma.cuh, the
 // host encodes the maps) has thread 0 copy K and V by TMA instead, each slot counting its bytes on
 // its mbarrier (a 128 x 128 tile costs the CTA three instructions, not 256 threads x 8 cp.async
-// and their address math; gqa8k dense 1.16-1.18 -> 1.08-1.10 ms), and the commit groups hold only Q,
-// mask and bias. Narrow CTAs keep cp.async: there TMA measured no gain (their masked steps are
-// latency-bound), and even a runtime switch between the two cost the masked configs 3-6% (H100,
-// seed_16k 0.425 -> 0.446 ms). The barrier at the top of iteration i guarantees:
+// and their address math; H100 gqa8k dense 1.17 -> 1.03-1.07 ms), and the commit groups hold
+// only Q, mask and bias. Narrow CTAs keep cp.async: there TMA measured no gain (their masked steps
+// are latency-bound), and even a runtime switch between the two cost the masked configs 3-6%
+// (seed_16k 0.425 -> 0.446 ms). The barrier at the top of iteration i guarantees:
 //   - aux_i (copied in iteration i - KS + 1), and with cp.async K_i and V_{i-1} (iteration i - 1),
 //     have landed for every thread (wait_group KS - 2 leaves only the groups of later visits in
 //     flight) and are visible to the async proxy (each thread fences its copies before the
