@@ -710,21 +710,18 @@ __global__ void __launch_bounds__(128) bwd_kv_bound_kernel(const __grid_constant
     const u16* v = static_cast<const u16*>(a.v) + b * a.v_stride[0] + j * a.v_stride[1] + hk * a.v_stride[2];
     float v_sq = 0.f;
     for (int d = 8 * lane; d < a.head_dim; d += 256) {
-      const uint4 x = *reinterpret_cast<const uint4*>(k + d), y = *reinterpret_cast<const uint4*>(v + d);
-      const u32 xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+      float kk[8], vv[8];
+      load8<T>(k + d, kk);
+      load8<T>(v + d, vv);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float2 kk = T::unpack(xs[c]), vv = T::unpack(ys[c]);
-        k_max = fmaxf(k_max, fmaxf(fabsf(kk.x), fabsf(kk.y)));
-        v_sq += vv.x * vv.x + vv.y * vv.y;
+      for (int j = 0; j < 8; ++j) {
+        k_max = fmaxf(k_max, fabsf(kk[j]));
+        v_sq += vv[j] * vv[j];
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v_sq += __shfl_xor_sync(0xffffffffu, v_sq, off);
-    v_max = fmaxf(v_max, sqrtf(v_sq));
+    v_max = fmaxf(v_max, sqrtf(warp_sum(v_sq)));
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) k_max = fmaxf(k_max, __shfl_xor_sync(0xffffffffu, k_max, off));
+  k_max = warp_max(k_max);
   if (lane == 0) {
     atomicMax(p.kv_bound, __float_as_uint(k_max));
     atomicMax(p.kv_bound + 1, __float_as_uint(v_max));
@@ -748,22 +745,19 @@ __global__ void __launch_bounds__(128) bwd_preprocess_kernel(const __grid_consta
   float* dqa = p.dq_accum + row * a.head_dim;
   float sum = 0.f, do_sq = 0.f;
   for (int d = 8 * lane; d < a.head_dim; d += 256) {
-    const uint4 x = *reinterpret_cast<const uint4*>(o + d), y = *reinterpret_cast<const uint4*>(d_o + d);
-    const u32 xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+    float oo[8], dd[8];
+    load8<T>(o + d, oo);
+    load8<T>(d_o + d, dd);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 oo = T::unpack(xs[j]), dd = T::unpack(ys[j]);
-      sum += oo.x * dd.x + oo.y * dd.y;
-      do_sq += dd.x * dd.x + dd.y * dd.y;
+    for (int j = 0; j < 8; ++j) {
+      sum += oo[j] * dd[j];
+      do_sq += dd[j] * dd[j];
     }
     float4* z = reinterpret_cast<float4*>(dqa + d);
     z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    do_sq += __shfl_xor_sync(0xffffffffu, do_sq, off);
-  }
+  sum = warp_sum(sum);
+  do_sq = warp_sum(do_sq);
   if (lane == 0) {
     const float lse = p.lse[row];
     *reinterpret_cast<float2*>(p.row_stats + 2 * row) =
@@ -790,18 +784,20 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_kernel(const __grid_consta
   const bool fixed = p.dq_scale != nullptr;
   const float s = fixed ? a.scale / p.dq_scale[row] : a.scale;
   for (int d = 8 * lane; d < a.head_dim; d += 256) {
-    float4 x = *reinterpret_cast<const float4*>(src + d), y = *reinterpret_cast<const float4*>(src + d + 4);
-    if (fixed) {
-      const int2 c01 = fixed_point_pair(__float_as_uint(x.x) | static_cast<u64>(__float_as_uint(x.y)) << 32);
-      const int2 c23 = fixed_point_pair(__float_as_uint(x.z) | static_cast<u64>(__float_as_uint(x.w)) << 32);
-      const int2 c45 = fixed_point_pair(__float_as_uint(y.x) | static_cast<u64>(__float_as_uint(y.y)) << 32);
-      const int2 c67 = fixed_point_pair(__float_as_uint(y.z) | static_cast<u64>(__float_as_uint(y.w)) << 32);
-      x = make_float4(c01.x, c01.y, c23.x, c23.y);
-      y = make_float4(c45.x, c45.y, c67.x, c67.y);
+    // columns d.. as bits: fp32 sums, or (deterministic) pairs of int32 sums in 64-bit words
+    const uint4 lo = *reinterpret_cast<const uint4*>(src + d), hi = *reinterpret_cast<const uint4*>(src + d + 4);
+    const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    u32 packed[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 x = make_float2(__uint_as_float(w[2 * j]), __uint_as_float(w[2 * j + 1]));
+      if (fixed) {
+        const int2 c = fixed_point_pair(w[2 * j] | static_cast<u64>(w[2 * j + 1]) << 32);
+        x = make_float2(c.x, c.y);
+      }
+      packed[j] = T::pack(x.x * s, x.y * s);
     }
-    *reinterpret_cast<uint4*>(dq + d) =
-        make_uint4(T::pack(x.x * s, x.y * s), T::pack(x.z * s, x.w * s), T::pack(y.x * s, y.y * s),
-                   T::pack(y.z * s, y.w * s));
+    *reinterpret_cast<uint4*>(dq + d) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
 }
 

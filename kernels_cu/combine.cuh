@@ -9,6 +9,7 @@
 //                     last, while the partials are still in L2 (the host keeps their volume small:
 //                     config.decode_config).
 #pragma once
+#include "mma.cuh"
 #include "params.cuh"
 
 namespace dmattn {
@@ -20,10 +21,7 @@ constexpr int kCombineWarps = 8;         //   merges a row per warp up to this m
 
 // Max or sum of x over the CTA (every thread gets it); scratch holds one float per warp.
 __device__ __forceinline__ float block_reduce(float x, bool is_max, float* scratch) {
-  for (int o = 16; o > 0; o /= 2) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = is_max ? fmaxf(x, y) : x + y;
-  }
+  x = is_max ? warp_max(x) : warp_sum(x);
   __syncthreads();  // scratch may still be read by the previous reduction
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
   __syncthreads();
@@ -98,16 +96,14 @@ __device__ void combine_row_warp(const FwdParams& p, i64 row, float* weight) {
   const int splits = p.num_splits, lane = threadIdx.x % 32;
   float mx = neg_inf();
   for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(p.lse_split + s * rows + row));
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  mx = warp_max(mx);
   float total = 0.f;
   for (int s = lane; s < splits; s += 32) {
     const float e = mx == neg_inf() ? 0.f : __expf(__ldcg(p.lse_split + s * rows + row) - mx);
     weight[s] = e;
     total += e;
   }
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
+  total = warp_sum(total);
   __syncwarp();  // weight is written
   const float inv_total = mx == neg_inf() ? 0.f : 1.f / total;
   u16* o = static_cast<u16*>(p.out) + bshd_row_offset(a, row, p.o_stride);

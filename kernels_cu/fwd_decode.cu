@@ -299,8 +299,7 @@ fwd_decode_kernel(const __grid_constant__ FwdParams p) {
         s[e] = sS[r * BK + lane + 32 * e];
         mx = fmaxf(mx, s[e]);
       }
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      mx = warp_max(mx);
       const float m_use = mx == neg_inf() ? 0.f : mx;
       const float alpha = fast_exp2(row_max[i] - m_use);
       float sum = 0.f;
@@ -310,8 +309,7 @@ fwd_decode_kernel(const __grid_constant__ FwdParams p) {
         sS[r * BK + lane + 32 * e] = pe;
         sum += pe;
       }
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      sum = warp_sum(sum);
       row_max[i] = mx;
       row_sum[i] = row_sum[i] * alpha + sum;
       if (lane == 0) sAlpha[r] = alpha;

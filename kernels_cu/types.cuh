@@ -61,6 +61,19 @@ struct bf16_t {
   static __device__ __forceinline__ float bias(u16 x) { return fmaxf(to_float(x), kBiasFloor); }
 };
 
+// Eight 2-byte elements (16 aligned bytes at src) as floats.
+template <typename T>
+__device__ __forceinline__ void load8(const u16* src, float (&x)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(src);
+  const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = T::unpack(w[j]);
+    x[2 * j] = f.x;
+    x[2 * j + 1] = f.y;
+  }
+}
+
 // Raw storage of a mask or bias element of BYTES bytes.
 // A compile-time bool as a type: picks a copy of a generic lambda (`[&](auto tag)`).
 template <bool B> struct BoolConst { static constexpr bool value = B; };
