@@ -37,7 +37,7 @@ fwd_kernel(const __grid_constant__ FwdParams p) {
   constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
   constexpr int MA = Tiles::MA, NA = Tiles::NA, DA = Tiles::DA;
   typedef FwdBlock<T, HEAD_DIM, BM, BN, 128, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
-  const Block blk(p);
+  const Block blk(p, grid_tile<CAUSAL>());
 
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kKVBytes = Tiles::tile_bytes(BN);

@@ -1,7 +1,7 @@
-// fwd_block.cuh — what a forward CTA owns and the per-tile work both forward kernels share: the
-// query rows and heads of its tile, its key range, the copies of Q/K/V/mask/bias tiles, the mask
-// scan, the score transform and the output store. fwd.cu (mma.sync) and fwd_wgmma.cu (Hopper)
-// differ only in their main loop and shared-memory ring.
+// fwd_block.cuh — what a forward CTA (or work item) owns and the per-tile work the forward kernels
+// share: the query rows and heads of its tile, its key range, the copies of Q/K/V/mask/bias tiles,
+// the mask scan, the score transform and the output stores. fwd.cu (mma.sync), fwd_wgmma.cu
+// (Hopper, narrow) and fwd_ws.cu (Hopper, wide) differ in their main loop and shared-memory ring.
 //
 // A query tile has kBlockM rows = `pack` query heads of one GQA group x (kBlockM / pack) sequence
 // rows: tile row r is head h0 + r / seq_rows at sequence row m0 + r % seq_rows. Heads sharing a
@@ -13,6 +13,28 @@
 #include "softmax.cuh"
 
 namespace dmattn {
+
+// What a CTA (or, in the persistent kernel, one work item) computes: query tile m_block of row group
+// (batch, pack of heads) row_group, key split `split`.
+struct TileCoord {
+  int m_block, row_group, split;
+};
+
+// One tile per CTA: blockIdx. Causal: the last query tiles see the most keys; launching them first
+// shortens the tail.
+template <bool CAUSAL>
+__device__ __forceinline__ TileCoord grid_tile() {
+  return {CAUSAL ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x),
+          static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
+}
+
+// Persistent kernels: work item `item` of p.m_blocks x p.row_groups x p.num_splits, in the same
+// order (with causal, the query tiles with the most keys first).
+template <bool CAUSAL>
+__device__ __forceinline__ TileCoord work_tile(const FwdParams& p, int item) {
+  const int per_m = p.row_groups * p.num_splits, rank = item / per_m, rest = item - rank * per_m;
+  return {CAUSAL ? p.m_blocks - 1 - rank : rank, rest / p.num_splits, rest % p.num_splits};
+}
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int THREADS, int MASK_BYTES, int BIAS_BYTES,
           bool CAUSAL, bool SOFTCAP>
@@ -33,15 +55,13 @@ struct FwdBlock {
   const unsigned char* mask;
   const unsigned char* bias;
 
-  __device__ __forceinline__ explicit FwdBlock(const FwdParams& params) : p(params), a(params.a) {
+  __device__ __forceinline__ FwdBlock(const FwdParams& params, TileCoord tile) : p(params), a(params.a) {
     seq_rows = BLOCK_M / a.pack;
-    // Causal: the last query tiles see the most keys; launching them first shortens the tail.
-    const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    m0 = m_block * seq_rows;
+    m0 = tile.m_block * seq_rows;
     const int head_groups = a.heads / a.pack;
-    b = blockIdx.y / head_groups;
-    h0 = (blockIdx.y % head_groups) * a.pack;
-    split = blockIdx.z;
+    b = tile.row_group / head_groups;
+    h0 = (tile.row_group % head_groups) * a.pack;
+    split = tile.split;
     const int row_last = min(m0 + seq_rows, a.seqlen_q) - 1;
     const int key_end = visible_key_end<CAUSAL>(row_last, a.seqlen_q, a.seqlen_k);
     const int n_tiles = key_end > 0 ? (key_end + BLOCK_N - 1) / BLOCK_N : 0;
@@ -101,15 +121,18 @@ struct FwdBlock {
   __device__ __forceinline__ void load_k(u16* sK, int t) const { load_keys<Tiles>(sK, k, a.k_stride[1], t); }
   template <typename Tiles>
   __device__ __forceinline__ void load_v(u16* sV, int t) const { load_keys<Tiles>(sV, v, a.v_stride[1], t); }
-  // The (seq_rows x BLOCK_N) mask and bias tiles of key tile t.
-  __device__ __forceinline__ void load_aux(unsigned char* sMask, unsigned char* sBias, int t) const {
+  // The (seq_rows x BLOCK_N) mask and bias tiles of key tile t, copied by COPIERS threads numbered
+  // tid (the whole CTA by default).
+  template <int COPIERS = kThreads>
+  __device__ __forceinline__ void load_aux(unsigned char* sMask, unsigned char* sBias, int t,
+                                           int tid = threadIdx.x) const {
     const int n0 = t * BLOCK_N;
     if constexpr (MASK_BYTES > 0)
-      load_aux_tile<MASK_BYTES, BLOCK_N, kThreads>(sMask, mask, a.mask_stride, m0, seq_rows, n0, a.seqlen_q,
-                                                   a.seqlen_k, a.mask_vec);
+      load_aux_tile<MASK_BYTES, BLOCK_N, COPIERS>(sMask, mask, a.mask_stride, m0, seq_rows, n0, a.seqlen_q,
+                                                  a.seqlen_k, a.mask_vec, tid);
     if constexpr (BIAS_BYTES > 0)
-      load_aux_tile<BIAS_BYTES, BLOCK_N, kThreads>(sBias, bias, a.bias_stride, m0, seq_rows, n0, a.seqlen_q,
-                                                   a.seqlen_k, a.bias_vec);
+      load_aux_tile<BIAS_BYTES, BLOCK_N, COPIERS>(sBias, bias, a.bias_stride, m0, seq_rows, n0, a.seqlen_q,
+                                                  a.seqlen_k, a.bias_vec, tid);
   }
 
   // Base-2 logarithm per score unit (score_mod.cuh): the online softmax's multiplier.
@@ -192,6 +215,36 @@ struct FwdBlock {
           }
         }
       }
+  }
+
+  // ---- a tile whose rows see no kept key: out = 0 and lse = -inf (with splits, the partial and its
+  // lse), written by WRITERS threads numbered tid with 16-byte stores. Each thread keeps one
+  // column chunk and steps a pointer down the rows: the persistent kernel's scheduler writes a
+  // sparse mask's empty tiles, and index arithmetic per store made that cost ~4 us per tile.
+  template <int WRITERS>
+  __device__ __forceinline__ void store_empty(int tid) const {
+    const int rows = min(seq_rows, a.seqlen_q - m0);
+    for (int j = 0; j < a.pack; ++j) {
+      const i64 bh = static_cast<i64>(b) * a.heads + h0 + j;
+      if (p.num_splits == 1) {
+        constexpr int kChunks = HEAD_DIM / 8;  // of 8 columns
+        static_assert(WRITERS % kChunks == 0, "whole rows per step");
+        const int c = tid % kChunks;
+        if (c * 8 < a.head_dim) {
+          u16* o = static_cast<u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(m0) * p.o_stride[1] +
+                   static_cast<i64>(h0 + j) * p.o_stride[2] + c * 8;
+          for (int r = tid / kChunks; r < rows; r += WRITERS / kChunks)
+            *reinterpret_cast<uint4*>(o + r * p.o_stride[1]) = make_uint4(0u, 0u, 0u, 0u);
+        }
+        if (p.lse != nullptr)
+          for (int r = tid; r < rows; r += WRITERS) p.lse[bh * a.seqlen_q + m0 + r] = neg_inf();
+      } else {  // the tile's rows of the partial are one contiguous run of rows x head_dim floats
+        const i64 split_row = (static_cast<i64>(split) * a.batch * a.heads + bh) * a.seqlen_q + m0;
+        float4* o = reinterpret_cast<float4*>(p.o_split + split_row * a.head_dim);
+        for (int i = tid; i < rows * a.head_dim / 4; i += WRITERS) o[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r = tid; r < rows; r += WRITERS) p.lse_split[split_row + r] = neg_inf();
+      }
+    }
   }
 
   // ---- epilogue: O / l and lse straight from registers (rows outside the problem are dropped);

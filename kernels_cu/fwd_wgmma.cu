@@ -1,15 +1,9 @@
-// fwd_wgmma.cu — the forward on Hopper warpgroup MMAs (sm_90a), products overlapped with the
-// softmax. Same CTA ownership, block skipping, score transform and epilogue as fwd_kernel
-// (fwd_block.cuh); each warpgroup computes 64 query rows of the CTA's tile against each key tile.
-//
-// Two shapes (WgmmaFwdTraits):
-//   narrow  one warpgroup, 64 rows x 64-key tiles, K ring of 3: small enough that 2-4 CTAs share a
-//           multiprocessor and interleave (D = 64, and D = 128 with mask/bias rows that would not
-//           fit the wide shape);
-//   wide    two warpgroups, 128 rows x 128-key tiles, K ring of 2, one CTA per multiprocessor:
-//           each K/V tile feeds twice the rows (half the K/V traffic per FLOP) and each barrier,
-//           wait and softmax step covers twice the keys (FlashAttention-3's D = 128 shape); K and
-//           V tiles by TMA (below), so the host runs it only where their tensor maps encode.
+// fwd_wgmma.cu — the narrow forward on Hopper warpgroup MMAs (sm_90a), products overlapped with
+// the softmax. Same CTA ownership, block skipping, score transform and epilogue as fwd_kernel
+// (fwd_block.cuh): one warpgroup, 64 query rows x 64-key tiles, K ring of 3, small enough that
+// 2-4 CTAs share a multiprocessor and interleave. It runs at D = 64, and at D = 128 where the wide
+// kernel (fwd_ws.cu: 128 x 128 tiles, warp-specialized) does not: no tensor maps for Q/K/V, mask
+// or bias rows that are not 16-byte runs, or mask + bias rows too large for its ring.
 //
 // Why overlap: issued one after another, Q K^T, the softmax and P V take turns and the tensor
 // cores idle during the softmax. wgmma is asynchronous, so each iteration issues two products
@@ -23,55 +17,46 @@
 // and after the last tile: O += P_last V_last.
 //
 // Shared memory (bytes; Q/K/V tiles rows x D x 2 in 128-byte swizzled slabs, 1024-aligned):
-//   sQ          kBlockM-row tile, loaded once (warpgroup w reads rows 64w..64w+63)
+//   sQ          64-row tile, loaded once
 //   sK[KS]      K tiles, a ring over visits: slot i % KS
 //   sV[2]       V tiles: slot i % 2
 //   sAux[KS]    mask | bias tiles (seq_rows x (kBlockN * E + 16) each), slot i % KS, like K
-//   sBar[KS+2]  wide: the mbarriers of the K slots, then of the V slots
 //   sBits       one bit per key tile of the split (mask scan result)
-// Copies: at the top of iteration i (after its barrier) the CTA copies V_i and then K, mask,
-// bias of visit i + KS - 1 — two cp.async commit groups. The wide kernel (kTma; tma.cuh, the
-// host encodes the maps) has thread 0 copy K and V by TMA instead, each slot counting its bytes on
-// its mbarrier (a 128 x 128 tile costs the CTA three instructions, not 256 threads x 8 cp.async
-// and their address math; H100 gqa8k dense 1.17 -> 1.03-1.07 ms), and the commit groups hold
-// only Q, mask and bias. Narrow CTAs keep cp.async: there TMA measured no gain (their masked steps
-// are latency-bound), and even a runtime switch between the two cost the masked configs 3-6%
-// (seed_16k 0.425 -> 0.446 ms). The barrier at the top of iteration i guarantees:
-//   - aux_i (copied in iteration i - KS + 1), and with cp.async K_i and V_{i-1} (iteration i - 1),
-//     have landed for every thread (wait_group KS - 2 leaves only the groups of later visits in
-//     flight) and are visible to the async proxy (each thread fences its copies before the
-//     barrier); TMA's K_i and V_{i-1} are waited for on their mbarriers before their products;
+// Copies (cp.async): at the top of iteration i (after its barrier) the CTA copies V_i and then K,
+// mask, bias of visit i + KS - 1 — two commit groups. (TMA measured no gain here: the masked steps
+// are latency-bound, and even a runtime switch between the two cost the masked configs 3-6%,
+// seed_16k 0.425 -> 0.446 ms.) The barrier at the top of iteration i guarantees:
+//   - K_i and aux_i (copied in iteration i - KS + 1) and V_{i-1} (iteration i - 1) have landed
+//     for every thread (wait_group KS - 2 leaves only the groups of later visits in flight) and
+//     are visible to the async proxy (each thread fences its copies before the barrier);
 //   - slot (i + KS - 1) % KS = (i - 1) % KS is free: S_{i-1} was waited for and aux_{i-1} read in
 //     iteration i - 1; slot i % 2 of V is free: P V_{i-2} was waited for in iteration i - 1.
 // config.py mirrors the carve-up.
 #include "fwd_block.cuh"
 #include "tile_mma.cuh"
-#include "tma.cuh"
 
 namespace dmattn {
 
-template <int HEAD_DIM, int WARPGROUPS, bool HAS_AUX>
+template <int HEAD_DIM, bool HAS_AUX>
 struct WgmmaFwdTraits {
-  static_assert(WARPGROUPS == 1 || WARPGROUPS == 2, "narrow (1) or wide (2)");
-  static constexpr int kThreads = 128 * WARPGROUPS;
-  static constexpr int kBlockM = 64 * WARPGROUPS;
-  static constexpr int kBlockN = WARPGROUPS == 1 ? 64 : 128;
-  static constexpr int kKStages = WARPGROUPS == 1 ? 3 : 2;  // visit i + KS - 1 copied during visit i
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+  static constexpr int kKStages = 3;  // visit i + KS - 1 copied during visit i
   static constexpr int kVStages = 2;  // V_i is copied during visit i, read during visit i + 1
-  static constexpr int kMinBlocks = WARPGROUPS == 2 ? 1 : HEAD_DIM == 64 ? (HAS_AUX ? 3 : 4) : 2;
-  static constexpr bool kTma = WARPGROUPS == 2;  // K and V tiles by TMA (p.k_map, p.v_map)
+  static constexpr int kMinBlocks = HEAD_DIM == 64 ? (HAS_AUX ? 3 : 4) : 2;
 };
 
-template <typename T, int HEAD_DIM, int WARPGROUPS, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
-__global__ void __launch_bounds__((WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0>::kThreads),
-                                  (WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0>::kMinBlocks))
+template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
+__global__ void __launch_bounds__((WgmmaFwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0>::kThreads),
+                                  (WgmmaFwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0>::kMinBlocks))
 fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
-  typedef WgmmaFwdTraits<HEAD_DIM, WARPGROUPS, MASK_BYTES + BIAS_BYTES != 0> Tr;
+  typedef WgmmaFwdTraits<HEAD_DIM, MASK_BYTES + BIAS_BYTES != 0> Tr;
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, KS = Tr::kKStages;
   typedef WgmmaTiles<T, HEAD_DIM, BM, BN> Tiles;
   constexpr int NA = Tiles::NA, DA = Tiles::DA;
   typedef FwdBlock<T, HEAD_DIM, BM, BN, Tr::kThreads, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
-  const Block blk(p);
+  const Block blk(p, grid_tile<CAUSAL>());
 
   extern __shared__ __align__(1024) unsigned char smem[];
   constexpr int kTile = Tiles::tile_bytes(BN);
@@ -80,46 +65,19 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   unsigned char* sKBase = smem + Tiles::tile_bytes(BM);
   unsigned char* sVBase = sKBase + KS * kTile;
   unsigned char* sAuxBase = sVBase + Tr::kVStages * kTile;
-  u64* sBar = reinterpret_cast<u64*>(sAuxBase + KS * aux_bytes);  // aux rows are 16-byte multiples
-  u32* sBits = reinterpret_cast<u32*>(sBar + KS + Tr::kVStages);
+  u32* sBits = reinterpret_cast<u32*>(sAuxBase + KS * aux_bytes);  // aux rows are 16-byte multiples
   // Slots by visit index i.
   auto sK = [&](int i) { return reinterpret_cast<u16*>(sKBase + (i % KS) * kTile); };
   auto sV = [&](int i) { return reinterpret_cast<u16*>(sVBase + (i % Tr::kVStages) * kTile); };
   auto sMask = [&](int i) { return sAuxBase + (i % KS) * aux_bytes; };
   auto sBias = [&](int i) { return sMask(i) + blk.seq_rows * Block::kMaskRow; };
-  // TMA: a K or V tile of key tile t into `tile`, its bytes counted on `bar` (thread 0 only); the
-  // box is one 64-column slab, so a 128-column head dim takes two.
-  constexpr bool kTma = Tr::kTma;
-  const int kv_head = blk.h0 / p.a.group;
-  auto tma_tile = [&](u16* tile, const TensorMap& map, u64* bar, int t) {
-    mbar_expect_tx(bar, kTile);
-#pragma unroll
-    for (int c = 0; c < HEAD_DIM / 64; ++c) tma_load_4d(tile + c * BN * 64, map, bar, c * 64, kv_head, t * BN, blk.b);
-  };
-  // Visit i reads K slot i % KS, filled for the (i / KS)-th time, and V slot i % 2 likewise.
-  auto wait_k = [&](int i) {
-    if constexpr (kTma) mbar_wait(sBar + i % KS, (i / KS) & 1);
-  };
-  auto wait_v = [&](int i) {
-    if constexpr (kTma) mbar_wait(sBar + KS + i % Tr::kVStages, (i / Tr::kVStages) & 1);
-  };
   auto load_k_aux = [&](int t, int i) {
     if (t < blk.t_end) {
-      if constexpr (!kTma)
-        blk.template load_k<Tiles>(sK(i), t);
-      else if (threadIdx.x == 0)
-        tma_tile(sK(i), p.k_map, sBar + i % KS, t);
+      blk.template load_k<Tiles>(sK(i), t);
       blk.load_aux(sMask(i), sBias(i), t);
     }
     cp_async_commit();
   };
-  if constexpr (kTma) {
-    if (threadIdx.x == 0) {
-      for (int j = 0; j < KS + Tr::kVStages; ++j) mbar_init(sBar + j);
-      mbar_init_fence();
-    }
-    __syncthreads();  // the barriers are initialized before any copy counts on them
-  }
   // The active tile after t (t_end: none).
   auto after = [&](int t) { return t < blk.t_end ? blk.next_tile(sBits, t + 1) : blk.t_end; };
 
@@ -135,19 +93,10 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   for (int j = 0; j < KS - 1; ++j) load_k_aux(ahead[j], j);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  const int warp_row0 = warp * 16;  // warpgroup w = warps 4w..4w+3 = tile rows 64w..64w+63
+  const int warp_row0 = warp * 16;
   const int aux_row[1] = {warp_row0 % blk.seq_rows + g};
-  const u16* sQw = Tiles::q_rows(sQ, warp / 4);
 
-  float acc_o[1][DA][4];
-#pragma unroll
-  for (int dt = 0; dt < DA; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[0][dt][e] = 0.f;
-  OnlineSoftmax<1, NA, DA> softmax(blk.score_unit());
-  u32 p_prev[NA / 2][4];  // P of the previous visit, the A operand of its P V
-  float (&o_regs)[DA * 4] = reinterpret_cast<float (&)[DA * 4]>(acc_o[0]);
-  u32 (&p_regs)[NA * 2] = reinterpret_cast<u32 (&)[NA * 2]>(p_prev);
+  WgmmaAccum<NA, DA> acc(blk.score_unit());
 
   // Top of visit i (tile ahead[0]): its K/aux and V_{i-1} have landed (the header's barrier
   // argument); copy V_i and K/aux of visit i + KS - 1.
@@ -156,11 +105,8 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<KS - 2>();
     Tiles::copies_visible();
     __syncthreads();
-    if constexpr (!kTma)
-      blk.template load_v<Tiles>(sV(i), ahead[0]);
-    else if (threadIdx.x == 0)
-      tma_tile(sV(i), p.v_map, sBar + KS + i % Tr::kVStages, ahead[0]);
-    cp_async_commit();  // (empty with TMA: the group count stays that of the cp.async copies)
+    blk.template load_v<Tiles>(sV(i), ahead[0]);
+    cp_async_commit();
     load_k_aux(t_last, i + KS - 1);
     return t_last;
   };
@@ -178,35 +124,32 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   if (ahead[0] < blk.t_end) {
     // Visit 0: S_0 = Q K_0^T, P_0 (nothing to overlap yet; O is zero, so alpha is moot).
     int t_last = begin_visit(0);
-    wait_k(0);
     wgmma_fence();
-    Tiles::qk_issue(s, sQw, sK(0));
+    Tiles::qk_issue(s, sQ, sK(0));
     const bool full0 = blk.mask_rows_full(sMask(0), aux_row, lane);
     wgmma_wait<0>();
     fence_registers(s_regs);
     blk.score_mods(s, sMask(0), sBias(0), aux_row, ahead[0], tq, full0);
-    softmax.update(s, alpha);
-    Tiles::pack(p_prev, s);
+    acc.softmax.update(s, alpha);
+    Tiles::pack(acc.p_prev, s);
     end_visit(t_last);
     // Steady state: the branch-free loop body keeps each wgmma's register operands in view of
     // the compiler from issue to wait.
     for (visit = 1; ahead[0] < blk.t_end; ++visit) {
       t_last = begin_visit(visit);
-      wait_k(visit);
-      wait_v(visit - 1);
       wgmma_fence();
-      Tiles::qk_issue(s, sQw, sK(visit));                                    // S_i = Q K_i^T
-      Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));                         // O += P_{i-1} V_{i-1}
+      Tiles::qk_issue(s, sQ, sK(visit));                                    // S_i = Q K_i^T
+      Tiles::pv_issue(acc.o, acc.p_prev, sV(visit - 1));                     // O += P_{i-1} V_{i-1}
       const bool full = blk.mask_rows_full(sMask(visit), aux_row, lane);     // while S_i runs
       wgmma_wait<1>();
       fence_registers(s_regs);
       blk.score_mods(s, sMask(visit), sBias(visit), aux_row, ahead[0], tq, full);  // mods(S_i)
-      const bool moved = softmax.update(s, alpha);                           // P_i = 2^(unit (s - m))
+      const bool moved = acc.softmax.update(s, alpha);                       // P_i = 2^(unit (s - m))
       wgmma_wait<0>();
-      fence_registers(o_regs);
-      fence_registers(p_regs);
-      if (moved) softmax.rescale(acc_o, alpha);                              // O *= alpha
-      Tiles::pack(p_prev, s);
+      fence_registers(acc.o_regs());
+      fence_registers(acc.p_regs());
+      if (moved) acc.softmax.rescale(acc.o, alpha);                          // O *= alpha
+      Tiles::pack(acc.p_prev, s);
       end_visit(t_last);
     }
     // O += P_last V_last, once V_last has landed (only the newest group, K/aux past the end, may
@@ -214,14 +157,13 @@ fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<1>();
     Tiles::copies_visible();
     __syncthreads();
-    wait_v(visit - 1);
     wgmma_fence();
-    Tiles::pv_issue(acc_o, p_prev, sV(visit - 1));
+    Tiles::pv_issue(acc.o, acc.p_prev, sV(visit - 1));
     wgmma_wait<0>();
-    fence_registers(o_regs);
+    fence_registers(acc.o_regs());
   }
   cp_async_wait<0>();
-  blk.store(acc_o, softmax, warp_row0, g, tq);
+  blk.store(acc.o, acc.softmax, warp_row0, g, tq);
   if (p.tiles_visited != nullptr && threadIdx.x == 0) atomicAdd(p.tiles_visited, static_cast<u64>(visit));
 }
 

@@ -45,8 +45,9 @@ struct alignas(64) TensorMap {
 };
 
 struct FwdParams {
-  TensorMap k_map;         // the wide fwd_wgmma_kernel: K and V as (D, Hk, Sk, B) tensors, boxes of
-  TensorMap v_map;         // 64 columns x 128 keys, 128-byte swizzled (the wgmma slabs)
+  TensorMap k_map;         // fwd_ws_kernel: K and V as (D, Hk, Sk, B) tensors, boxes of 64 columns
+  TensorMap v_map;         // x 128 keys, 128-byte swizzled (the wgmma slabs);
+  TensorMap q_map;         // Q as (D, H, Sq, B), boxes of 64 columns x one head x a tile's rows
   AttnParams a;
   void* out;               // (B, Sq, H, D), input dtype
   i64 o_stride[3];
@@ -55,11 +56,17 @@ struct FwdParams {
   float* lse_split;        // (splits, B*H, Sq)
   u64* tiles_visited;      // optional counter of (query tile x key tile) pairs computed (the
                            // decode kernel: batches of live keys)
-  u32* arrivals;           // decode kernel: splits finished per (batch, kv head); zero between calls
+  u32* arrivals;           // zero between calls. Decode kernel: splits finished per (batch, kv head);
+                           // fwd_ws_kernel: {next work item, CTAs finished}
+  u32* tile_bits;          // fwd_ws_kernel with a mask: the key tiles each query tile visits, one bit
+                           // per tile, written by fwd_ws_bits_kernel (fwd_ws.cu: its layout)
   int num_splits;          // key-range splits (blockIdx.z; the decode kernel: blockIdx.x)
   int tiles_per_split;     // key tiles per split
   int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
   int keys_per_split;      // decode kernel: keys per split
+  int m_blocks;            // fwd_ws_kernel: query tiles per row group
+  int row_groups;          // fwd_ws_kernel: (batch, pack of heads) groups, B * H / pack
+  int bit_words;           // fwd_ws_kernel: words per query tile in tile_bits, ceil(key tiles / 32)
 };
 
 struct BwdParams {

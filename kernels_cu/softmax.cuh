@@ -84,4 +84,24 @@ struct OnlineSoftmax {
   }
 };
 
+// A warpgroup's running state over one query tile's key tiles in the Hopper forwards (fwd_wgmma.cu,
+// fwd_ws.cu; one 16-row atom per warp): the O accumulator, the online softmax, and P of the
+// previous visit, the A operand of its P V. o_regs / p_regs: flat views for fence_registers (a
+// wgmma owns those registers from its issue to its wait).
+template <int NA, int DA>
+struct WgmmaAccum {
+  float o[1][DA][4];
+  OnlineSoftmax<1, NA, DA> softmax;
+  u32 p_prev[NA / 2][4];
+
+  __device__ __forceinline__ explicit WgmmaAccum(float unit) : softmax(unit) {
+#pragma unroll
+    for (int dt = 0; dt < DA; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.f;
+  }
+  __device__ __forceinline__ float (&o_regs())[DA * 4] { return reinterpret_cast<float (&)[DA * 4]>(o[0]); }
+  __device__ __forceinline__ u32 (&p_regs())[NA * 2] { return reinterpret_cast<u32 (&)[NA * 2]>(p_prev); }
+};
+
 }  // namespace dmattn

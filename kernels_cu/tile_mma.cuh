@@ -85,8 +85,8 @@ struct MmaSyncTiles {
 };
 
 // Hopper tiles: a CTA of BLOCK_M / 64 warpgroups, each computing 64 query rows against key tiles of
-// BLOCK_N (64 or 128) keys; HEAD_DIM 64 or 128. The products are asynchronous: fwd_wgmma.cu
-// overlaps them with the softmax.
+// BLOCK_N (64 or 128) keys; HEAD_DIM 64 or 128. The products are asynchronous: fwd_wgmma.cu and
+// fwd_ws.cu overlap them with the softmax.
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N>
 struct WgmmaTiles {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma tiles: D = 64 or 128");

@@ -15,29 +15,36 @@ H100_SMS = 132
 
 def _config(**kw):
     base = dict(head_dim=128, batch=2, heads=16, group=4, seqlen_q=8192, seqlen_k=8192,
-                mask_bytes=0, bias_bytes=0, shares_aux=True, sm_count=H100_SMS, wgmma=True, tma_kv=True)
+                mask_bytes=0, bias_bytes=0, shares_aux=True, sm_count=H100_SMS, wgmma=True, tma=True)
     return fwd_config(**{**base, **kw})
 
 
-def test_wide_needs_tensor_maps():
-    """The wide kernel copies K and V by TMA: without their tensor maps (a stride TMA cannot
-    express, or DMATTN_CUPY_TMA=0) the narrow kernel runs."""
+def test_wide_needs_tensor_maps_and_aligned_rows():
+    """The wide kernel (fwd_ws.cu) copies Q, K and V by TMA and mask/bias rows by bulk copies:
+    without the tensor maps (a stride TMA cannot express, or DMATTN_CUPY_TMA=0) or with mask/bias
+    rows that are not 16-byte aligned runs, the narrow kernel runs."""
     assert _config().tiles.warpgroups == 2
-    assert _config(tma_kv=False).tiles.warpgroups == 1
+    assert _config(tma=False).tiles.warpgroups == 1
+    assert _config(mask_bytes=1, bias_bytes=2, aux_vec=False).tiles.warpgroups == 1
 
 
 def test_hopper_runs_wide_at_d128_when_it_fits():
     dense = _config()
     assert (dense.tiles.warpgroups, dense.tiles.block_m, dense.tiles.block_n) == (2, 128, 128)
-    assert dense.tiles.threads == 256 and dense.stages == 2 and dense.pack == 4
+    assert dense.tiles.threads == 384 and dense.stages == 2 and dense.pack == 4  # producer + 2 consumers
     # a bias shared by the GQA group: 4 heads x 32 rows, its rows still fit
     biased = _config(bias_bytes=2)
     assert biased.tiles.warpgroups == 2 and biased.smem_bytes <= SMEM_PER_CTA
     # per-query-head fp32 bias: 128 bias rows of 128 keys do not fit; narrow instead
     per_head = _config(bias_bytes=4, shares_aux=False)
     assert (per_head.tiles.warpgroups, per_head.tiles.block_n, per_head.stages) == (1, 64, 3)
-    # with a mask: narrow, whose two CTAs per multiprocessor overlap the mask scan
-    assert _config(mask_bytes=1, bias_bytes=2).tiles.warpgroups == 1
+    # mask + bias shared by the heads of a tile: 32 rows (group 4) or 64 (group 2) in two slots fit
+    for group in (4, 2):
+        masked = _config(mask_bytes=1, bias_bytes=2, group=group)
+        assert masked.tiles.warpgroups == 2 and masked.smem_bytes <= SMEM_PER_CTA, group
+    # 128 rows per tile (group 1): two slots of mask + bias rows, or of a 4-byte mask, do not fit
+    assert _config(mask_bytes=1, bias_bytes=2, group=1).tiles.warpgroups == 1
+    assert _config(mask_bytes=4, shares_aux=False).tiles.warpgroups == 1
 
 
 def test_mma_sync_and_narrow_d64_keep_two_ctas_per_sm():

@@ -214,10 +214,10 @@ def _checked_wide(*args, **kw):
     _PLANS.clear()
     check_forward(*args, **kw)
     (plan,) = _PLANS.values()
-    return plan.tma_keys > 0
+    return bool(plan.tma_rows)
 
 
-@pytest.mark.parametrize("D,S,group", [(128, 777, 4), (112, 300, 2), (120, 1000, 2)])
+@pytest.mark.parametrize("D,S,group", [(128, 776, 4), (112, 296, 2), (120, 1000, 2)])
 def test_tma_kv_tiles(D, S, group, monkeypatch):
     """The wide Hopper forward reads K and V by TMA (kernels_cu/tma.cuh): key tiles cut by the end
     of the keys and head dims below the 128-column tile (columns TMA fills with zeros) come out
@@ -232,14 +232,110 @@ def test_tma_kv_tiles(D, S, group, monkeypatch):
     assert not _checked_wide(q, k, v, None, bias, causal=True)
 
 
+def _hopper_wide(monkeypatch):
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the warp-specialized forward runs on Hopper")
+    monkeypatch.setenv("DMATTN_CUPY_MMA", "wgmma")
+
+
+def _block_mask(B, Hk, Sq, Sk, keep, rows=32, keys=128):
+    """Bool (B, Hk, Sq, Sk): (rows x keys) blocks kept with probability `keep`."""
+    nb = (B, Hk, -(-Sq // rows), -(-Sk // keys))
+    blocks = cupy.random.random(nb) < keep
+    return cupy.repeat(cupy.repeat(blocks, rows, axis=2), keys, axis=3)[:, :, :Sq, :Sk]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Sq,Sk", [(128, 777, 784), (112, 1000, 304), (128, 300, 1008), (120, 4096, 4096)])
+def test_ws_forward_masks(D, Sq, Sk, dtype, monkeypatch):
+    """The warp-specialized persistent forward (fwd_ws.cu) with a mask shared by a GQA group of 4:
+    scattered keys (every tile partly kept), block masks with whole query tiles empty (the
+    scheduler writes those itself), hidden keys inside kept blocks, causal or not, key tiles cut
+    by the end of the keys, head dims below the tile, more work items than multiprocessors. Its
+    copies need 16-byte aligned mask rows (Sk a multiple of 16 here); others run narrow."""
+    _hopper_wide(monkeypatch)
+    q, k, v, mask, bias = make_inputs(2, Sq, Sk, 8, 2, D, dtype, (2, 2, Sq, Sk), (2, 2, Sq, Sk))
+    assert _checked_wide(q, k, v, mask, bias, causal=True)
+    blocks = _block_mask(2, 2, Sq, Sk, 0.3)
+    blocks[:, :, 64:256] = False  # query tiles 2..7 see nothing: written by the scheduler
+    out, lse = check_forward(q, k, v, blocks, bias, causal=False)
+    assert bool((out[:, 64:256] == 0).all()) and bool(cupy.isneginf(lse[:, :, 64:256]).all())
+    blocks[:, :, 5::97, 3::61] = False
+    assert _checked_wide(q, k, v, blocks, bias, causal=True)
+    assert _checked_wide(q, k, v, blocks, None, causal=True)
+
+
+@pytest.mark.parametrize("D,group", [(128, 4), (64, 2), (128, 1), (96, 2)])
+def test_row_block_masks(D, group, mma_path):
+    """Masks whose rows keep whole 128-key blocks, different blocks per row (top-k smoothed to
+    blocks, as the benchmark's gqa8k_topk): most visited tiles are partly kept, some rows keep no
+    key at all; then a few single hidden keys inside kept blocks. Every forward kernel (wide,
+    narrow, mma.sync, by head dim and group)."""
+    B, Hk, Sq, Sk = 2, 2, 700, 1024
+    q, k, v, _, bias = make_inputs(B, Sq, Sk, Hk * group, Hk, D, "bfloat16", None, (B, Hk, Sq, Sk))
+    blocks = cupy.random.random((B, Hk, Sq, Sk // 128)) < 0.4
+    mask = cupy.repeat(blocks, 128, axis=3)
+    check_forward(q, k, v, mask, bias, causal=True)
+    check_forward(q, k, v, mask, None, causal=False)
+    mask[:, :, 3::50, 130::300] = False
+    check_forward(q, k, v, mask, bias, causal=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 896), (1, 2, 900, 896), (2, 1, 900, 896), (2, 8, 900, 896)])
+def test_ws_forward_mask_broadcast(shape, monkeypatch):
+    """Masks broadcast over batch, heads or query rows (one row scanned under the tile's causal
+    limit), or one per query head (one head per tile, no bias: a bias beside it does not fit),
+    read through their strides by the pre-pass (one row of tile bits per distinct mask batch and
+    head) and by the copies."""
+    _hopper_wide(monkeypatch)
+    q, k, v, mask, bias = make_inputs(2, 900, 896, 8, 2, 128, "bfloat16", shape, (2, 2, 900, 896), density=0.2)
+    bias = None if shape[1] == 8 else bias
+    for causal in (False, True):
+        assert _checked_wide(q, k, v, mask, bias, causal=causal)
+
+
+def test_ws_forward_float_masks_and_splits(monkeypatch):
+    """2- and 4-byte masks, and few query tiles over many keys: the key range is split (at tiles
+    that are not word boundaries of the tile bits), the persistent CTAs take (tile, split) items and
+    the partials merge."""
+    _hopper_wide(monkeypatch)
+    q, k, v, mask, bias = make_inputs(1, 64, 9008, 8, 2, 128, "float16", (1, 2, 64, 9008), (1, 2, 64, 9008),
+                                      density=0.1)
+    assert _checked_wide(q, k, v, mask, bias)
+    (plan,) = __import__("dmattn_cupy._cuda.forward", fromlist=["_PLANS"])._PLANS.values()
+    assert plan.num_splits > 1
+    assert _checked_wide(q, k, v, mask.astype(numpy.float16), bias, causal=True)
+    assert _checked_wide(q, k, v, mask.astype(numpy.float32), None, causal=True)
+
+
+def test_ws_forward_counts_active_tiles_and_repeats(monkeypatch):
+    """The tiles the consumers compute are exactly the (32-row x 128-key) tiles with a kept,
+    visible key; the work counter is left at zero, so calls repeat bit for bit."""
+    from dmattn_cupy._cuda.forward import forward as cuda_forward
+    from dmattn_cupy._validate import validate_attention
+
+    _hopper_wide(monkeypatch)
+    B, Hk, S = 2, 2, 2048
+    q, k, v, _, bias = make_inputs(B, S, S, 8, Hk, 128, "bfloat16", None, (B, Hk, S, S))
+    mask = _block_mask(B, Hk, S, S, 0.2) & (cupy.arange(S)[None, :] <= cupy.arange(S)[:, None])
+    tiles = mask.reshape(B, Hk, S // 32, 32, S // 128, 128).any(axis=(3, 5))
+    counter = cupy.zeros(1, dtype=numpy.uint64)
+    problem = validate_attention(q, k, v, mask, bias, None, True, 0.0)
+    first = cuda_forward(q, k, v, mask, bias, problem, False, tiles_visited=counter)
+    assert int(counter.get()[0]) == int(tiles.sum())
+    second = cuda_forward(q, k, v, mask, bias, problem, False)
+    assert bool((first == second).all())
+    assert _checked_wide(q, k, v, mask, bias, causal=True)
+
+
 def test_kv_broadcast_over_batch(mma_path):
     """K and V expanded over the batch (stride 0): TMA cannot express that stride, so the Hopper
     forward runs its narrow cp.async kernel; the result is still right."""
-    from dmattn_cupy._cuda.tma import kv_tensor_map
+    from dmattn_cupy._cuda.tma import bshd_tensor_map
 
     q, k, v, _, bias = make_inputs(3, 200, 200, 4, 2, 128, "bfloat16", None, (3, 2, 200, 200))
     k, v = (cupy.broadcast_to(x[:1], x.shape) for x in (k, v))
-    assert kv_tensor_map(k, 128) is None
+    assert bshd_tensor_map(k, 128) is None
     assert not _checked_wide(q, k, v, None, bias, causal=True)
 
 

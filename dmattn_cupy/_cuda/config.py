@@ -1,8 +1,8 @@
 """Tile and launch configuration: pure functions of sizes, printable and testable without a GPU.
 
 Mirrors kernels_cu/tile_traits.cuh (FwdTraits), the shared-memory carve-ups at the top of
-kernels_cu/fwd.cu (mma.sync), kernels_cu/fwd_wgmma.cu (Hopper: WgmmaFwdTraits) and
-kernels_cu/fwd_decode.cu (DecodeTraits).
+kernels_cu/fwd.cu (mma.sync), kernels_cu/fwd_wgmma.cu (Hopper, narrow: WgmmaFwdTraits),
+kernels_cu/fwd_ws.cu (Hopper, wide: WsFwdTraits) and kernels_cu/fwd_decode.cu (DecodeTraits).
 """
 
 from __future__ import annotations
@@ -12,11 +12,20 @@ from dataclasses import dataclass
 
 TILE_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 WGMMA_HEAD_DIMS = (64, 128)
-# Tile head dims where the Hopper kernel runs wide (two warpgroups, 128 x 128 tiles) when it fits.
+# Tile head dims where the Hopper forward runs wide (fwd_ws.cu: 128 x 128 tiles) when it fits.
 WGMMA_WIDE_HEAD_DIMS = (128,)
-WIDE_BLOCK_N = 128  # keys per tile of the wide kernel (two warpgroups; its K/V TMA boxes)
-WGMMA_V_STAGES = 2  # fwd_wgmma.cu, WgmmaFwdTraits::kVStages
+WIDE_BLOCK_N = 128  # keys per tile of the wide kernel (its K/V TMA boxes)
+WGMMA_V_STAGES = 2  # fwd_wgmma.cu, WgmmaFwdTraits::kVStages; fwd_ws.cu, WsFwdTraits::kVStages
 THREADS = 128  # one warpgroup: fwd_kernel, fwd_combine_kernel, the narrow Hopper kernel
+# fwd_ws.cu (WsFwdTraits): a producer warpgroup and two consumers; Q tiles in flight, the items
+# handed on ahead and the mbarriers (a full and an empty one per slot of the Q, K, V, aux and item
+# rings); fwd_ws_bits_kernel's threads and key tiles per CTA (one word of bits).
+WS_THREADS = 3 * THREADS
+WS_Q_STAGES = 1
+WS_ITEM_SLOTS = 2
+WS_BARRIERS = 2 * (WS_Q_STAGES + 2 * 2 + WGMMA_V_STAGES + WS_ITEM_SLOTS)
+WS_BITS_THREADS = 256
+WS_BITS_TILES = 32
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
 # usable per SM, 1 KiB reserved per CTA), and alone.
 SMEM_PER_CTA_FOR_TWO = 113 * 1024
@@ -41,15 +50,15 @@ class FwdTiles:
     block_m: int      # query-tile rows (pack heads x block_m / pack sequence rows)
     block_n: int      # key-tile columns
     wgmma: bool       # Hopper warpgroup tiles (kernels_cu/tile_mma.cuh, WgmmaTiles)
-    warpgroups: int = 1  # Hopper: 1 (narrow) or 2 (wide: 128 x 128 tiles)
+    warpgroups: int = 1  # Hopper: 1 (narrow, fwd_wgmma.cu) or 2 (wide, fwd_ws.cu: 128 x 128 tiles)
 
     @classmethod
     def for_head_dim(cls, head_dim: int, has_aux: bool, wgmma: bool, warpgroups: int = 1) -> "FwdTiles":
-        """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>) and WgmmaFwdTraits.
+        """Mirrors MmaSyncTiles (FwdTraits<HEAD_DIM, HAS_AUX>), WgmmaFwdTraits and WsFwdTraits.
 
         has_aux: a mask or a bias is read. wgmma: the GPU is a Hopper (sm_90) and the tile head
-        dim is 64 or 128 — then each of `warpgroups` 4-warp warpgroups computes 64 rows against
-        64-key (narrow) or 128-key (wide) tiles (kernels_cu/fwd_wgmma.cu).
+        dim is 64 or 128 — then each of `warpgroups` computing warpgroups takes 64 rows against
+        64-key (narrow, kernels_cu/fwd_wgmma.cu) or 128-key (wide, kernels_cu/fwd_ws.cu) tiles.
         """
         tile = tile_head_dim(head_dim)
         if wgmma and tile in WGMMA_HEAD_DIMS:
@@ -59,11 +68,11 @@ class FwdTiles:
 
     @property
     def threads(self) -> int:
-        return THREADS * self.warpgroups
+        return WS_THREADS if self.warpgroups == 2 else THREADS
 
     @property
     def k_stages(self) -> int:
-        """Hopper: K and mask/bias slots (WgmmaFwdTraits::kKStages)."""
+        """Hopper: K and mask/bias slots (WgmmaFwdTraits::kKStages, WsFwdTraits::kKStages)."""
         return 3 if self.warpgroups == 1 else 2
 
     def tile_bytes(self, rows: int) -> int:
@@ -147,15 +156,19 @@ def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
     return capability == 90 and choice != "sync" and tile_head_dim(head_dim) in WGMMA_HEAD_DIMS
 
 
+def ws_bit_words(seqlen_k: int) -> int:
+    """fwd_ws_kernel's tile_bits: words per query tile (one bit per key tile), and so the pre-pass's
+    CTAs per query tile."""
+    return math.ceil(math.ceil(seqlen_k / WIDE_BLOCK_N) / WS_BITS_TILES)
+
+
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,
                seqlen_k: int, mask_bytes: int, bias_bytes: int, shares_aux: bool,
-               sm_count: int, wgmma: bool = False, tma_kv: bool = False) -> FwdConfig:
-    """tma_kv: K and V have tensor maps (tma.py) for 128-key boxes, which the wide kernel needs."""
+               sm_count: int, wgmma: bool = False, tma: bool = False, aux_vec: bool = True) -> FwdConfig:
+    """tma: Q, K and V have tensor maps (tma.py), which the wide kernel needs; aux_vec: the mask and
+    bias rows are 16-byte aligned runs (its cp.async copies)."""
     has_aux = mask_bytes + bias_bytes > 0
-    # Wide only without a mask: one wide CTA per multiprocessor leaves its mask scan exposed,
-    # while two narrow CTAs overlap one's scan with the other's products, which wins once the
-    # mask is sparse (H100, gqa8k sweep at density 1/16: 0.33 ms wide, 0.30 ms narrow).
-    if wgmma and tma_kv and tile_head_dim(head_dim) in WGMMA_WIDE_HEAD_DIMS and not mask_bytes:
+    if wgmma and tma and aux_vec and tile_head_dim(head_dim) in WGMMA_WIDE_HEAD_DIMS:
         wide = _fwd_config(FwdTiles.for_head_dim(head_dim, has_aux, True, 2), batch, heads, group,
                            seqlen_q, seqlen_k, mask_bytes, bias_bytes, shares_aux, sm_count)
         if wide.smem_bytes <= SMEM_PER_CTA:
@@ -173,9 +186,14 @@ def _fwd_config(tiles: FwdTiles, batch, heads, group, seqlen_q, seqlen_k, mask_b
     splits, per_split = choose_splits(m_blocks * batch * heads // pack, key_tiles, sm_count)
     kv = tiles.tile_bytes(tiles.block_n)
     aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
-    fixed = tiles.tile_bytes(tiles.block_m) + (4 * math.ceil(per_split / 32) if mask_bytes else 0)  # sQ, sBits
-    if tiles.wgmma:  # sQ | sK[KS] | sV[2] | mask+bias[KS] | mbarriers[KS + 2] (wide) | sBits
-        smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv + 8 * (tiles.k_stages + WGMMA_V_STAGES)
+    bits = 4 * math.ceil(per_split / 32)  # one bit per key tile of a split (the mask scan)
+    if tiles.warpgroups == 2:  # fwd_ws.cu: sQ[QS] | sK[2] | sV[2] | aux[2] | barriers | items | bits
+        smem = (WS_Q_STAGES * tiles.tile_bytes(tiles.block_m) + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv
+                + 8 * WS_BARRIERS + 4 * (WS_ITEM_SLOTS + 2) + WS_ITEM_SLOTS * bits)
+        return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
+    fixed = tiles.tile_bytes(tiles.block_m) + (bits if mask_bytes else 0)  # sQ, sBits
+    if tiles.wgmma:  # fwd_wgmma.cu: sQ | sK[KS] | sV[2] | mask+bias[KS] | sBits
+        smem = fixed + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv
         return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
     stage = math.ceil((2 * kv + aux) / 16) * 16                   # [K | V | mask | bias]
     stages = 3 if fixed + 3 * stage <= SMEM_PER_CTA_FOR_TWO else 2

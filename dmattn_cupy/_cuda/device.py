@@ -39,8 +39,8 @@ def mma_choice() -> str:
 
 
 def tma_enabled() -> bool:
-    """Whether the wide Hopper forward (K and V by TMA, kernels_cu/tma.cuh) may run where their
-    strides allow: on unless DMATTN_CUPY_TMA=0 (then the narrow cp.async kernel runs instead)."""
+    """Whether the wide Hopper forward (kernels_cu/fwd_ws.cu: Q, K and V by TMA, tma.cuh) may run
+    where their strides allow: on unless DMATTN_CUPY_TMA=0 (then the narrow cp.async kernel runs)."""
     value = os.environ.get("DMATTN_CUPY_TMA", "1")
     if value not in ("0", "1"):
         raise ValueError(f"DMATTN_CUPY_TMA must be 0 or 1; got {value!r}")

@@ -13,17 +13,17 @@ import numpy
 
 from . import compile as nvrtc
 from . import device
-from .config import (DECODE_THREADS, WIDE_BLOCK_N, combine_blocks, combine_threads, decode_config, fwd_config,
-                     use_decode, use_wgmma)
+from .config import (DECODE_THREADS, WIDE_BLOCK_N, WS_BITS_THREADS, combine_blocks, combine_threads, decode_config,
+                     fwd_config, use_decode, use_wgmma, ws_bit_words)
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, TENSOR_MAP_WORDS, new_record, pointer_slots
-from .tma import kv_tensor_map
+from .tma import bshd_tensor_map
 
 _INPUTS = list(pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias"))
-_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS = pointer_slots(
-    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals")
-_K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("k_map", "v_map"))
+_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS, _TILE_BITS = pointer_slots(
+    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "tile_bits")
+_Q_MAP, _K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("q_map", "k_map", "v_map"))
 
 
 @dataclass(frozen=True)
@@ -39,42 +39,46 @@ class FwdPlan:
     prepare: bool           # an input must be copied or converted before the kernels read it
     num_splits: int
     partial_elems: int      # fp32 elements of the split partials: outputs, then their lse
-    arrivals: int           # decode kernel: arrival counters it needs (one per batch x kv head)
+    arrivals: int           # counters it needs (decode: one per batch x kv head; fwd_ws: two)
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
-    tma_keys: int = 0       # the wide Hopper kernel: keys per K/V box of its TMA maps (per call)
+    tma_rows: tuple = ()    # fwd_ws: rows per box of the Q and of the K/V tensor maps (per call)
+    bits: tuple = ()        # fwd_ws with a mask: (fwd_ws_bits_kernel, its grid, words of tile_bits)
 
 
 _PLANS: dict = {}
 _PLANS_MAX = 1024
-_WORKSPACES: dict = {}  # (device, stream) -> _DecodeWorkspace
+_WORKSPACES: dict = {}  # (device, stream) -> _Workspace
 
 
 @dataclass
-class _DecodeWorkspace:
-    """The decode kernel's scratch, reused by the calls on one stream (they run in order, so no
-    two use it at once): split partials, and arrival counters that every call leaves at zero (so
-    they are zeroed only when allocated)."""
+class _Workspace:
+    """Scratch reused by the calls on one stream (they run in order, so no two use it at once):
+    the decode kernel's split partials, counters that every call leaves at zero (so they are
+    zeroed only when allocated): the decode kernel's arrivals, fwd_ws_kernel's work counter, and
+    fwd_ws_kernel's tile bits (written whole by each call's pre-pass)."""
     partials: object = None
     counters: object = None
+    bits: object = None
 
 
 def release_workspaces() -> None:
-    """Drops the per-stream decode scratch (the next call allocates it again): for memory
-    accounting."""
+    """Drops the per-stream scratch (the next call allocates it again): for memory accounting."""
     _WORKSPACES.clear()
 
 
-def _decode_workspace(partial_elems: int, counters: int) -> _DecodeWorkspace:
+def _workspace(partial_elems: int, counters: int, bit_words: int) -> _Workspace:
     import cupy
 
     key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        ws = _WORKSPACES[key] = _DecodeWorkspace()
-    if ws.partials is None or ws.partials.size < partial_elems:
+        ws = _WORKSPACES[key] = _Workspace()
+    if partial_elems and (ws.partials is None or ws.partials.size < partial_elems):
         ws.partials = cupy.empty(partial_elems, dtype=numpy.float32)
     if ws.counters is None or ws.counters.size < counters:
         ws.counters = cupy.zeros(max(counters, 64), dtype=numpy.uint32)
+    if bit_words and (ws.bits is None or ws.bits.size < bit_words):
+        ws.bits = cupy.empty(bit_words, dtype=numpy.uint32)
     return ws
 
 
@@ -104,28 +108,42 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
                        cfg.smem_bytes, None, (), 0, prepare, cfg.num_splits,
                        cfg.num_splits * B * H * Sq * (D + 1), B * Hk, problem)
     wgmma = use_wgmma(capability, D, choice)
-    tma_kv = wgmma and tma and all(kv_tensor_map(x, WIDE_BLOCK_N) is not None for x in (k2, v2))
     cfg = fwd_config(
         head_dim=D, batch=B, heads=H, group=H // Hk, seqlen_q=Sq, seqlen_k=Sk,
         mask_bytes=m.elem_bytes, bias_bytes=b.elem_bytes,
         shares_aux=not (m.per_query_head or b.per_query_head), sm_count=sm_count, wgmma=wgmma,
-        tma_kv=tma_kv,
+        tma=wgmma and tma and all(bshd_tensor_map(x, WIDE_BLOCK_N) is not None for x in (q2, k2, v2)),
+        aux_vec=all(x.vec for x in (m, b) if x.elem_bytes),
     )
     fill_attn(rec, problem, q2, k2, v2, m, b, cfg.pack)
     rec["num_splits"], rec["tiles_per_split"] = cfg.num_splits, cfg.tiles_per_split
     rec["stages"] = cfg.stages
-    if cfg.tiles.wgmma:
+    rec["m_blocks"], rec["row_groups"] = cfg.m_blocks, B * H // cfg.pack
+    wide = cfg.tiles.warpgroups == 2
+    if wide:
+        kernel = nvrtc.get_kernel("fwd_ws.cu", nvrtc.kernel_name(
+            "fwd_ws_kernel", elem, cfg.tiles.head_dim, *flags), "sm_90a")
+    elif cfg.tiles.wgmma:
         kernel = nvrtc.get_kernel("fwd_wgmma.cu", nvrtc.kernel_name(
-            "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, cfg.tiles.warpgroups, *flags), "sm_90a")
+            "fwd_wgmma_kernel", elem, cfg.tiles.head_dim, *flags), "sm_90a")
     else:
         kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_kernel", elem, cfg.tiles.head_dim, *flags))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
-    return FwdPlan(rec.view(numpy.uint64), kernel, (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits),
+    bits = ()
+    if wide and m.elem_bytes:
+        rec["bit_words"] = words = ws_bit_words(Sk)
+        bit_rows = (1 if m.strides[0] == 0 else B) * (1 if m.strides[1] == 0 else H // m.head_div)
+        bits = (nvrtc.get_kernel("fwd_ws.cu", nvrtc.kernel_name("fwd_ws_bits_kernel", m.elem_bytes, problem.causal), "sm_90a"),
+                (words, cfg.m_blocks, bit_rows), bit_rows * cfg.m_blocks * words)
+    items = cfg.m_blocks * B * H // cfg.pack * cfg.num_splits
+    # fwd_ws is persistent: a CTA per multiprocessor (at most one per item) takes items from a counter
+    grid = (min(items, sm_count), 1, 1) if wide else (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits)
+    return FwdPlan(rec.view(numpy.uint64), kernel, grid,
                    cfg.tiles.threads, cfg.smem_bytes, combine, (combine_blocks(cfg.num_splits, B * H * Sq),),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
-                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 0, problem,
-                   WIDE_BLOCK_N if cfg.tiles.warpgroups == 2 else 0)
+                   cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 2 if wide else 0, problem,
+                   (cfg.tiles.block_m // cfg.pack, WIDE_BLOCK_N) if wide else (), bits)
 
 
 def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
@@ -133,8 +151,9 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     (query tile x key tile) pairs computed, for tests of block skipping.
 
     A call whose shapes, strides, dtypes and options were seen before costs one dictionary
-    lookup, the output allocations, a few pointer stores and the launches (the decode kernel's
-    split partials live in scratch reused by the calls on the stream).
+    lookup, the output allocations, a few pointer stores (and, for the wide Hopper kernel, its
+    tensor maps: cached per array) and the launches (the decode kernel's split partials and the
+    counters live in scratch reused by the calls on the stream).
     """
     import cupy
 
@@ -161,19 +180,24 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     words[_OUT] = out.data.ptr
     words[_LSE] = 0 if lse is None else lse.data.ptr
     words[_TILES_VISITED] = 0 if tiles_visited is None else tiles_visited.data.ptr
-    if plan.tma_keys:  # the plan's key fixes strides and alignment: these arrays encode as its did
-        k_map, v_map = (kv_tensor_map(x, plan.tma_keys) for x in (k, v))
-        words[_K_MAP:_K_MAP + TENSOR_MAP_WORDS] = k_map
-        words[_V_MAP:_V_MAP + TENSOR_MAP_WORDS] = v_map
-    if plan.arrivals:  # the decode kernel: small scratch, kept per stream (a decode step is short)
-        ws = _decode_workspace(plan.partial_elems, plan.arrivals)
-        partials = ws.partials
+    if plan.tma_rows:  # the plan's key fixes strides and alignment: these arrays encode as its did
+        q_rows, kv_rows = plan.tma_rows
+        for slot, x, rows in ((_Q_MAP, q, q_rows), (_K_MAP, k, kv_rows), (_V_MAP, v, kv_rows)):
+            words[slot:slot + TENSOR_MAP_WORDS] = bshd_tensor_map(x, rows)
+    partials = None
+    if plan.arrivals:  # counters, and the decode kernel's partials: small scratch kept per stream
+        ws = _workspace(0 if plan.combine else plan.partial_elems, plan.arrivals, plan.bits[2] if plan.bits else 0)
         words[_ARRIVALS] = ws.counters.data.ptr
-    elif plan.partial_elems:
+        partials = None if plan.combine else ws.partials
+        if plan.bits:
+            words[_TILE_BITS] = ws.bits.data.ptr
+    if plan.partial_elems and partials is None:  # merged by the combine kernel after this call
         partials = cupy.empty(plan.partial_elems, dtype=numpy.float32)
     if plan.partial_elems:
         words[_O_SPLIT] = partials.data.ptr
         words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.num_splits * B * H * Sq * D
+    if plan.bits:  # fwd_ws's pre-pass: the active key tiles of every query tile
+        nvrtc.launch(plan.bits[0], plan.bits[1], WS_BITS_THREADS, words)
     nvrtc.launch(plan.kernel, plan.grid, plan.threads, words, plan.smem_bytes)
     if plan.combine is not None:
         nvrtc.launch(plan.combine, plan.combine_grid, plan.combine_threads, words)

@@ -54,9 +54,12 @@ COVERING_SET = {
     + [(kernel_name("fwd_combine_kernel", t), "FwdParams", PORTABLE) for t in (BF16, FP16)],
     "fwd_decode.cu": [(kernel_name("fwd_decode_kernel", *f), "FwdParams", PORTABLE)
                       for f in ATTENTION_FLAGS if f[2] > 0],  # the decode kernel needs a mask
-    "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, wg, *f), "FwdParams", HOPPER)
-                     for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS
-                     for wg in ((1, 2) if d in WGMMA_WIDE_HEAD_DIMS else (1,))],
+    "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, *f), "FwdParams", HOPPER)
+                     for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS],
+    "fwd_ws.cu": [(kernel_name("fwd_ws_kernel", t, d, *f), "FwdParams", HOPPER)
+                  for t, d, *f in ATTENTION_FLAGS if d in WGMMA_WIDE_HEAD_DIMS]
+    + [(kernel_name("fwd_ws_bits_kernel", m, c), "FwdParams", HOPPER)
+       for m, c in sorted({(f[2], f[4]) for f in ATTENTION_FLAGS if f[2]})],
     "bwd.cu": [(kernel_name("bwd_dkdv_kernel", t, d, False, *f), "BwdParams", PORTABLE)
                for t, d, *f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
     + [(kernel_name("bwd_dkdv_kernel", t, d, True, *f), "BwdParams", HOPPER)

@@ -42,12 +42,15 @@ TENSOR_MAP_WORDS = 16  # CUtensorMap: 128 bytes, 64-byte aligned (params.cuh Ten
 
 FWD_PARAMS = _padded(numpy.dtype(
     [
-        # first, so that the 64-byte alignment holds at offsets 0 and 128
+        # first, so that the 64-byte alignment holds at offsets 0, 128 and 256
         ("k_map", numpy.uint64, (TENSOR_MAP_WORDS,)), ("v_map", numpy.uint64, (TENSOR_MAP_WORDS,)),
+        ("q_map", numpy.uint64, (TENSOR_MAP_WORDS,)),
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
         ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
+        ("tile_bits", _PTR),
         ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
+        ("m_blocks", _I32), ("row_groups", _I32), ("bit_words", _I32),
     ],
     align=True,
 ), 64)

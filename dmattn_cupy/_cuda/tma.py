@@ -1,7 +1,7 @@
-"""TMA tensor maps (kernels_cu/tma.cuh) for the Hopper forward's K and V tiles.
+"""TMA tensor maps (kernels_cu/tma.cuh) for the Hopper forward's Q, K and V tiles.
 
 CuPy does not wrap the driver's cuTensorMapEncodeTiled, so it is called through ctypes. A map
-holds the tensor's address, so it is encoded per K/V array; a small cache keyed by everything the
+holds the tensor's address, so it is encoded per array; a small cache keyed by everything the
 map depends on (address, shape, strides, box) makes repeated calls on the same arrays free.
 """
 
@@ -41,31 +41,31 @@ def _encoder():
     return fn
 
 
-def kv_tensor_map(x, box_keys: int):
-    """The TENSOR_MAP_WORDS uint64 words of a tensor map of K or V, (B, S, Hk, D) read as the
-    (D, Hk, S, B) tensor TMA counts innermost first, in boxes of SLAB_COLS columns x box_keys keys
-    of one (batch, kv head), 128-byte swizzled; columns past D and keys past S land as zeros.
+def bshd_tensor_map(x, box_rows: int):
+    """The TENSOR_MAP_WORDS uint64 words of a tensor map of Q, K or V, (B, S, H, D) read as the
+    (D, H, S, B) tensor TMA counts innermost first, in boxes of SLAB_COLS columns x box_rows rows
+    of one (batch, head), 128-byte swizzled; columns past D and rows past S land as zeros.
     None when TMA cannot read x: no driver entry point, or a stride TMA cannot express (not a
     multiple of 16 bytes, or zero: a broadcast dimension)."""
-    B, S, Hk, D = (int(n) for n in x.shape)
-    key = (x.data.ptr, (B, S, Hk, D), tuple(x.strides), box_keys)
+    B, S, H, D = (int(n) for n in x.shape)
+    key = (x.data.ptr, (B, S, H, D), tuple(x.strides), box_rows)
     if key in _CACHE:
         return _CACHE[key]
-    words = _encode(x, box_keys)
+    words = _encode(x, box_rows)
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[key] = words
     return words
 
 
-def _encode(x, box_keys: int):
+def _encode(x, box_rows: int):
     fn = _encoder()
     if fn is None or x.data.ptr % 16:
         return None
-    B, S, Hk, D = (int(n) for n in x.shape)
+    B, S, H, D = (int(n) for n in x.shape)
     sb, ss, sh, _ = element_strides(x)
     strides = []
-    for extent, stride in ((Hk, sh), (S, ss), (B, sb)):
+    for extent, stride in ((H, sh), (S, ss), (B, sb)):
         nbytes = stride * x.dtype.itemsize if extent > 1 else 16  # a single index never moves
         if nbytes <= 0 or nbytes % 16 or nbytes >= _MAX_STRIDE:
             return None
@@ -73,7 +73,7 @@ def _encode(x, box_keys: int):
     u64s, u32s = ctypes.c_uint64 * 4, ctypes.c_uint32 * 4
     buf = numpy.zeros(TENSOR_MAP_WORDS + 8, dtype=numpy.uint64)  # holds a 64-byte aligned map
     first = (-buf.ctypes.data % 64) // 8
-    rc = fn(buf.ctypes.data + 8 * first, _UINT16, 4, x.data.ptr, u64s(D, Hk, S, B), (ctypes.c_uint64 * 3)(*strides),
-            u32s(SLAB_COLS, 1, box_keys, 1), u32s(1, 1, 1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B,
+    rc = fn(buf.ctypes.data + 8 * first, _UINT16, 4, x.data.ptr, u64s(D, H, S, B), (ctypes.c_uint64 * 3)(*strides),
+            u32s(SLAB_COLS, 1, box_rows, 1), u32s(1, 1, 1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B,
             _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
     return buf[first:first + TENSOR_MAP_WORDS].copy() if rc == 0 else None
