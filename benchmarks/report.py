@@ -85,7 +85,7 @@ def finalize(records: list[dict], bandwidth: float | None, matmul_rate: float | 
             cfg = config_of(r)
             dens = r.get("mask_density") or 1.0
             r["floor_ms"] = cfg.floor_ms(r["pass"], bandwidth, matmul_rate, density=dens)
-            r["floor_bytes"] = cfg.bytes(r["pass"])
+            r["floor_bytes"] = cfg.bytes(r["pass"], density=dens)
             r["floor_flops"] = cfg.flops(r["pass"], dens)
             if _ok(r):
                 r["roofline_fraction"] = r["floor_ms"] / r["median_ms"]

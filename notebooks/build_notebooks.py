@@ -325,9 +325,10 @@ measured in the same run (device-to-device copy bandwidth, and the bf16 8192³ m
 
 $$ \\text{floor} = \\max\\left(\\frac{\\text{bytes}}{\\text{bandwidth}},\\ \\frac{\\text{FLOPs}}{\\text{matmul rate}}\\right) $$
 
-- **bytes**: q, k, v read and out written, plus the causally visible half of the bias (2 bytes) and
-  of the mask (1 byte); forward+backward adds dout, the gradients, a second read of bias and mask,
-  and dbias written in full.
+- **bytes**: q, k, v read and out written, plus the causally visible half of the mask (1 byte)
+  and of the bias (2 bytes) at the kept tiles only (a skipped tile's bias is never read);
+  forward+backward adds dout, the gradients, a second read of bias and mask, and dbias written in
+  full.
 - **FLOPs**: `4·B·H·Sq·Sk·D` × the causally visible fraction × the mask density (the kernel only
   needs the kept pairs); backward costs 2.5× the forward.
 
@@ -344,8 +345,9 @@ for c in configs.CONFIGS.values():
     if dens is None:    # top-k smoothed to blocks depends on the bias: 0.124 measured on randn
         dens = 0.124
     for p in ("fwd", "fwd_bwd"):
-        t_mem, t_math = c.bytes(p) / bw * 1e3, c.flops(p, dens) / rate * 1e3
-        print(f"{c.name:18s} {p:8s} {c.bytes(p) / 1e9:9.3f} {c.flops(p, dens) / 1e12:7.3f} "
+        nbytes = c.bytes(p, density=dens)
+        t_mem, t_math = nbytes / bw * 1e3, c.flops(p, dens) / rate * 1e3
+        print(f"{c.name:18s} {p:8s} {nbytes / 1e9:9.3f} {c.flops(p, dens) / 1e12:7.3f} "
               f"{max(t_mem, t_math):9.3f}  {'memory' if t_mem > t_math else 'math'}")'''),
     md('''
 ## Measured results
