@@ -15,7 +15,6 @@ template <int S>
 struct Ring {
   u32 full;   // shared address of S barriers
   u32 empty;  // S more
-  static __device__ __forceinline__ int slot(u32 n) { return n % S; }
   __device__ __forceinline__ u32 full_bar(u32 n) const { return full + 8 * (n % S); }
   // Producer, before fill n: the slot's previous use has been released (a fresh slot is free).
   __device__ __forceinline__ void acquire(u32 n) const { mbar_wait(empty + 8 * (n % S), ((n / S) & 1) ^ 1); }
