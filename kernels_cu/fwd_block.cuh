@@ -248,10 +248,14 @@ struct FwdBlock {
   }
 
   // ---- epilogue: O / l and lse straight from registers (rows outside the problem are dropped);
-  // with splits, a normalized fp32 partial and its lse for fwd_combine_kernel.
+  // with splits, a normalized fp32 partial and its lse for fwd_combine_kernel. O leaves in 16-byte
+  // stores: a quad holds a row's 8-column chunks as four 4-byte pairs each, and quad_transpose
+  // gives each lane whole chunks (H100, fwd_ws: the 4-byte stores, one per pair, cost ~1.8 us per
+  // query tile, a quarter of a sparse tile's time).
   template <int MA, int NA, int DA>
   __device__ __forceinline__ void store(const float (&acc_o)[MA][DA][4], const OnlineSoftmax<MA, NA, DA>& softmax,
                                         int warp_row0, int g, int tq) const {
+    static_assert(DA % 4 == 0, "whole quads of 8-column chunks");
 #pragma unroll
     for (int at = 0; at < MA; ++at)
 #pragma unroll
@@ -261,19 +265,22 @@ struct FwdBlock {
         const int tile_row = warp_row0 + at * 16 + g + 8 * h;
         const int row = m0 + (tile_row & (seq_rows - 1));
         const int head = h0 + (tile_row >> seq_shift());
-        if (row >= a.seqlen_q) continue;
         const i64 bh = static_cast<i64>(b) * a.heads + head;
         if (p.num_splits == 1) {
           u16* o = static_cast<u16*>(p.out) + b * p.o_stride[0] + static_cast<i64>(row) * p.o_stride[1] +
                    static_cast<i64>(head) * p.o_stride[2];
 #pragma unroll
-          for (int dt = 0; dt < DA; ++dt) {
-            const int d = dt * 8 + 2 * tq;
-            if (d < a.head_dim)
-              *reinterpret_cast<u32*>(o + d) = T::pack(acc_o[at][dt][2 * h] * inv_l, acc_o[at][dt][2 * h + 1] * inv_l);
+          for (int c = 0; c < DA / 4; ++c) {  // chunks 4c .. 4c + 3: lane tq stores chunk 4c + tq
+            u32 v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              v[j] = T::pack(acc_o[at][4 * c + j][2 * h] * inv_l, acc_o[at][4 * c + j][2 * h + 1] * inv_l);
+            quad_transpose(v, tq);
+            const int d = (4 * c + tq) * 8;
+            if (row < a.seqlen_q && d < a.head_dim) *reinterpret_cast<uint4*>(o + d) = make_uint4(v[0], v[1], v[2], v[3]);
           }
-          if (tq == 0 && p.lse != nullptr) p.lse[bh * a.seqlen_q + row] = lse;
-        } else {
+          if (row < a.seqlen_q && tq == 0 && p.lse != nullptr) p.lse[bh * a.seqlen_q + row] = lse;
+        } else if (row < a.seqlen_q) {
           const i64 split_row = (static_cast<i64>(split) * a.batch * a.heads + bh) * a.seqlen_q + row;
           float* o = p.o_split + split_row * a.head_dim;
 #pragma unroll

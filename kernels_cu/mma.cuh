@@ -73,6 +73,21 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+// 4 x 4 transpose across the quad (t = lane % 4): lane t's v[j] becomes lane j's v[t]. Two xor
+// steps: the off-diagonal 2 x 2 blocks trade with lane t ^ 2, then each block's off-diagonal
+// elements with lane t ^ 1; four shuffles.
+__device__ __forceinline__ void quad_transpose(u32 (&v)[4], int t) {
+#pragma unroll
+  for (int step = 2; step >= 1; step /= 2) {
+    const bool upper = t & step;  // this lane sends the elements whose `step` bit is not its own
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int lo = step == 2 ? s : 2 * s, hi = lo + step;  // the pair of elements differing in `step`
+      const u32 r = __shfl_xor_sync(0xffffffffu, upper ? v[lo] : v[hi], step);
+      if (upper) v[lo] = r; else v[hi] = r;
+    }
+  }
+}
 // Reductions across the warp (every lane gets the result).
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
