@@ -159,3 +159,33 @@ def test_repeated_calls_and_streams():
     want, _ = ref.forward(q, k, v, mask, bias)
     for out in outs:
         assert rel_err(out, want) <= 2e-2
+
+
+def test_threads_share_a_plan():
+    """Threads calling forward with the same shapes share one cached plan, whose kernel record each
+    call refills with its own pointers before launching (under the plan's lock): every thread, on
+    its own stream and with its own inputs, gets its own answer."""
+    import threading
+
+    inputs = [make_inputs(1, 1, 20_000, 4, 2, 64, "bfloat16", (1, 2, 1, 20_000), (1, 2, 1, 20_000), density=0.02)
+              for _ in range(4)]
+    outs, errors = [None] * len(inputs), []
+
+    def run(i):
+        try:
+            with cupy.cuda.Stream(non_blocking=True) as stream:
+                for _ in range(20):
+                    outs[i] = dmattn_cupy.forward(*inputs[i])
+                stream.synchronize()
+        except Exception as exc:  # reported below: pytest does not see a thread's exception
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for out, args in zip(outs, inputs):
+        want, _ = ref.forward(*args)
+        assert rel_err(out, want) <= 2e-2

@@ -7,7 +7,8 @@ few pointer stores and the launches: decode-sized calls are not bound by Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy
 
@@ -20,7 +21,8 @@ from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, TENSOR_MAP_WORDS, new_record, pointer_slots
 from .tma import bshd_tensor_map
 
-_INPUTS = list(pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias"))
+_INPUTS = pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias")
+assert _INPUTS == tuple(range(_INPUTS[0], _INPUTS[0] + 5))  # one slice store per call
 _OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS, _TILE_BITS = pointer_slots(
     FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "tile_bits")
 _Q_MAP, _K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("q_map", "k_map", "v_map"))
@@ -43,6 +45,12 @@ class FwdPlan:
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
     tma_rows: tuple = ()    # fwd_ws: rows per box of the Q and of the K/V tensor maps (per call)
     bits: tuple = ()        # fwd_ws with a mask: (fwd_ws_bits_kernel, its grid, words of tile_bits)
+    # The record the launches read, refilled by each call under the lock (nvrtc.ParamBuffer)
+    buffer: nvrtc.ParamBuffer = field(init=False)
+    lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self):
+        object.__setattr__(self, "buffer", nvrtc.ParamBuffer(self.words))
 
 
 _PLANS: dict = {}
@@ -66,10 +74,10 @@ def release_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def _workspace(partial_elems: int, counters: int, bit_words: int) -> _Workspace:
+def _workspace(partial_elems: int, counters: int, bit_words: int, stream: int) -> _Workspace:
     import cupy
 
-    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    key = (cupy.cuda.runtime.getDevice(), stream)
     ws = _WORKSPACES.get(key)
     if ws is None:
         ws = _WORKSPACES[key] = _Workspace()
@@ -151,9 +159,9 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     (query tile x key tile) pairs computed, for tests of block skipping.
 
     A call whose shapes, strides, dtypes and options were seen before costs one dictionary
-    lookup, the output allocations, a few pointer stores (and, for the wide Hopper kernel, its
-    tensor maps: cached per array) and the launches (the decode kernel's split partials and the
-    counters live in scratch reused by the calls on the stream).
+    lookup, the output allocations, the plan's record refilled with this call's pointers (and,
+    for the wide Hopper kernel, its tensor maps: cached per array) and the launches (the decode
+    kernel's split partials and the counters live in scratch reused by the calls on the stream).
     """
     import cupy
 
@@ -162,7 +170,8 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     ptrs = tuple(0 if x is None else x.data.ptr for x in (q, k, v, mask, bias))
     # validate_attention hands out one Problem per signature (array types, shapes, dtypes,
     # strides and options), so its identity stands for all of them; the plan keeps it alive.
-    key = (id(problem), tuple(ptr % 16 == 0 for ptr in ptrs), sm_count, choice, tma)
+    aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
+    key = (id(problem), aligned, sm_count, choice, tma)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
@@ -175,30 +184,35 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     B, Sq, H, D = problem.batch, problem.seqlen_q, problem.heads, problem.head_dim
     out = cupy.empty((B, Sq, H, D), dtype=q.dtype)
     lse = cupy.empty((B, H, Sq), dtype=numpy.float32) if return_lse else None
-    words = plan.words.copy()
-    words[_INPUTS] = ptrs
-    words[_OUT] = out.data.ptr
-    words[_LSE] = 0 if lse is None else lse.data.ptr
-    words[_TILES_VISITED] = 0 if tiles_visited is None else tiles_visited.data.ptr
-    if plan.tma_rows:  # the plan's key fixes strides and alignment: these arrays encode as its did
-        q_rows, kv_rows = plan.tma_rows
-        for slot, x, rows in ((_Q_MAP, q, q_rows), (_K_MAP, k, kv_rows), (_V_MAP, v, kv_rows)):
-            words[slot:slot + TENSOR_MAP_WORDS] = bshd_tensor_map(x, rows)
     partials = None
-    if plan.arrivals:  # counters, and the decode kernel's partials: small scratch kept per stream
-        ws = _workspace(0 if plan.combine else plan.partial_elems, plan.arrivals, plan.bits[2] if plan.bits else 0)
-        words[_ARRIVALS] = ws.counters.data.ptr
-        partials = None if plan.combine else ws.partials
-        if plan.bits:
-            words[_TILE_BITS] = ws.bits.data.ptr
-    if plan.partial_elems and partials is None:  # merged by the combine kernel after this call
+    if plan.partial_elems and (plan.combine or not plan.arrivals):  # merged by the combine kernel
         partials = cupy.empty(plan.partial_elems, dtype=numpy.float32)
-    if plan.partial_elems:
-        words[_O_SPLIT] = partials.data.ptr
-        words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.num_splits * B * H * Sq * D
-    if plan.bits:  # fwd_ws's pre-pass: the active key tiles of every query tile
-        nvrtc.launch(plan.bits[0], plan.bits[1], WS_BITS_THREADS, words)
-    nvrtc.launch(plan.kernel, plan.grid, plan.threads, words, plan.smem_bytes)
-    if plan.combine is not None:
-        nvrtc.launch(plan.combine, plan.combine_grid, plan.combine_threads, words)
+    stream = cupy.cuda.get_current_stream().ptr
+    with plan.lock:  # the record is the plan's: one call fills and launches it at a time
+        words, args = plan.buffer.words, plan.buffer.args
+        words[:] = plan.words
+        words[_INPUTS[0]:_INPUTS[0] + 5] = ptrs
+        words[_OUT] = out.data.ptr
+        words[_LSE] = 0 if lse is None else lse.data.ptr
+        words[_TILES_VISITED] = 0 if tiles_visited is None else tiles_visited.data.ptr
+        if plan.tma_rows:  # the plan's key fixes strides and alignment: these arrays encode as its did
+            q_rows, kv_rows = plan.tma_rows
+            for slot, x, rows in ((_Q_MAP, q, q_rows), (_K_MAP, k, kv_rows), (_V_MAP, v, kv_rows)):
+                words[slot:slot + TENSOR_MAP_WORDS] = bshd_tensor_map(x, rows)
+        if plan.arrivals:  # counters, and the decode kernel's partials: small scratch kept per stream
+            ws = _workspace(0 if plan.combine else plan.partial_elems, plan.arrivals,
+                            plan.bits[2] if plan.bits else 0, stream)
+            words[_ARRIVALS] = ws.counters.data.ptr
+            if partials is None:
+                partials = ws.partials
+            if plan.bits:
+                words[_TILE_BITS] = ws.bits.data.ptr
+        if plan.partial_elems:
+            words[_O_SPLIT] = partials.data.ptr
+            words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.num_splits * B * H * Sq * D
+        if plan.bits:  # fwd_ws's pre-pass: the active key tiles of every query tile
+            nvrtc.launch_args(plan.bits[0], plan.bits[1], WS_BITS_THREADS, args, 0, stream)
+        nvrtc.launch_args(plan.kernel, plan.grid, plan.threads, args, plan.smem_bytes, stream)
+        if plan.combine is not None:
+            nvrtc.launch_args(plan.combine, plan.combine_grid, plan.combine_threads, args, 0, stream)
     return (out, lse) if return_lse else out
