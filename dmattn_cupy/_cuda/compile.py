@@ -108,24 +108,25 @@ def launch(kernel, grid, block: int, params: numpy.ndarray, shared_mem: int = 0)
     of the kernel's one by-value struct (a record, or its uint64 view)."""
     from cupy.cuda import get_current_stream
 
-    launch_args(kernel, grid, block, ParamBuffer(params).args, shared_mem, get_current_stream().ptr)
+    buffer = ParamBuffer(params)  # alive until the driver has copied the struct
+    launch_args(kernel, grid, block, buffer.args, shared_mem, get_current_stream().ptr)
 
 
 class ParamBuffer:
-    """A copy of a kernel's by-value struct, as uint64 words, and the void* kernelParams[1] array
-    that points at it, made once: calls that launch the same kernels over and over (decode steps)
-    refill `words` in place and launch with `args`, creating no array and no ctypes object."""
+    """The void* kernelParams[1] array pointing at a kernel's by-value struct `params` (kept alive
+    here), made once: calls that launch the same kernels over and over (decode steps) store their
+    pointers into `params` and launch with `args`, creating no array and no ctypes object."""
 
     def __init__(self, params: numpy.ndarray):
-        self.words = params.view(numpy.uint64).copy()
-        self._pointer = numpy.array([self.words.ctypes.data], dtype=numpy.uint64)
+        self._params = params
+        self._pointer = numpy.array([params.ctypes.data], dtype=numpy.uint64)
         self.args = self._pointer.ctypes.data  # address of kernelParams
 
 
 def launch_args(kernel, grid, block: int, args: int, shared_mem: int, stream: int) -> None:
     """cuLaunchKernel straight from the driver: the struct is passed by address (`args`, a
     ParamBuffer's) and the driver copies its bytes during the call, so no per-argument conversion
-    runs in Python (CuPy's cost ~13 us per launch) and the buffer may be refilled at once."""
+    runs in Python (CuPy's cost ~13 us per launch) and the struct may be refilled at once."""
     from cupy.cuda import driver
 
     gx, gy, gz = (*grid, 1, 1)[:3]

@@ -30,7 +30,8 @@ _Q_MAP, _K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("q_map", 
 
 @dataclass(frozen=True)
 class FwdPlan:
-    words: numpy.ndarray    # the FwdParams record as uint64 words, every field but the pointers
+    words: numpy.ndarray    # the FwdParams record as uint64 words: every field but the pointers,
+                            # which each call stores (the same slots every call) before launching
     kernel: object
     grid: tuple[int, int, int]
     threads: int
@@ -45,7 +46,7 @@ class FwdPlan:
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
     tma_rows: tuple = ()    # fwd_ws: rows per box of the Q and of the K/V tensor maps (per call)
     bits: tuple = ()        # fwd_ws with a mask: (fwd_ws_bits_kernel, its grid, words of tile_bits)
-    # The record the launches read, refilled by each call under the lock (nvrtc.ParamBuffer)
+    # `words` and the kernelParams pointer to it (nvrtc.ParamBuffer); one call fills them at a time
     buffer: nvrtc.ParamBuffer = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
@@ -189,8 +190,7 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
         partials = cupy.empty(plan.partial_elems, dtype=numpy.float32)
     stream = cupy.cuda.get_current_stream().ptr
     with plan.lock:  # the record is the plan's: one call fills and launches it at a time
-        words, args = plan.buffer.words, plan.buffer.args
-        words[:] = plan.words
+        words, args = plan.words, plan.buffer.args
         words[_INPUTS[0]:_INPUTS[0] + 5] = ptrs
         words[_OUT] = out.data.ptr
         words[_LSE] = 0 if lse is None else lse.data.ptr
