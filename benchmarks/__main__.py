@@ -38,7 +38,7 @@ from pathlib import Path
 from . import report
 from .report import gpu_short_name
 from .configs import Config, suite_configs
-from .peers import OURS, select_peers
+from .peers import OURS, OURS_MAP, applies, select_peers
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FWD_TOL = 2e-2  # bf16 inputs, float32 accumulation: relative Frobenius error well below this
@@ -151,7 +151,7 @@ def check_config(cfg: Config, names: list[str], passes: list[str]) -> dict:
     results = {}
     # FlexAttention runs eagerly here (same score_mod / mask_mod, no second compile per config)
     peers.SETTINGS["flex_eager"] = True
-    for name in names:
+    for name in (n for n in names if applies(n, cfg)):
         res: dict = {}
         try:
             impl = make_impl(name, inp)
@@ -218,7 +218,7 @@ def check_config(cfg: Config, names: list[str], passes: list[str]) -> dict:
 # ---- timing ------------------------------------------------------------------------------------
 def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress: Progress,
                  checks: dict) -> list[dict]:
-    from .peers import make_flex, make_impl, make_inputs, synchronize
+    from .peers import make_flex, make_impl, make_inputs, make_ours, synchronize
     from .timing import cupy_allocations_from_torch, few_ms, free_memory, median_ms, peak_mem_gib
 
     def record(impl: str, pass_: str, **kw) -> dict:
@@ -247,11 +247,13 @@ def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress:
     if inp.mask_ms is not None:
         out.append(record("topk_mask", "mask", median_ms=inp.mask_ms, mask_density=density))
 
-    for name in names:
+    for name in (n for n in names if applies(n, cfg)):
         impl, build, err = None, None, None
         try:
             if name == "flex":
                 impl, build = make_flex(inp, build=False)
+            elif name == OURS_MAP:
+                impl, build = make_ours(inp, with_map=True)
             else:
                 impl = make_impl(name, inp)
         except Exception as exc:
@@ -265,15 +267,14 @@ def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress:
             free_memory()
             continue
         if build is not None and cfg.has_mask:
+            builder = "dmattn_block_map" if name == OURS_MAP else "flex_create_block_mask"
             try:
                 ms = few_ms(build, n=5)
-                out.append(record("flex_create_block_mask", "mask", median_ms=ms,
-                                  mask_density=density))
+                out.append(record(builder, "mask", median_ms=ms, mask_density=density))
             except Exception as exc:
-                out.append(record("flex_create_block_mask", "mask", median_ms=None,
-                                  error=short_error(exc)))
+                out.append(record(builder, "mask", median_ms=None, error=short_error(exc)))
             free_memory()
-        for p in passes:
+        for p in passes if name != OURS_MAP else ["fwd"]:
             progress.step(f"{cfg.name} {name} {p}")
             fn = impl.fwd if p == "fwd" else impl.fwd_bwd
             rec = record(name, p, mask_density=density if cfg.has_mask else 1.0,
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [OURS] + select_peers(args.peers)
+    names = [OURS, OURS_MAP] + select_peers(args.peers)
     passes = ["fwd"] + (["fwd_bwd"] if args.backward else [])
     configs = suite_configs(args.suite)
     if args.only:

@@ -109,12 +109,13 @@ class Config:
         return fwd * (3.5 if pass_ == "fwd_bwd" else 1.0)
 
     def bytes(self, pass_: str = "fwd", dtype_bytes: int = 2, mask_bytes: int = 1,
-              density: float = 1.0) -> float:
+              density: float = 1.0, mask_read: float = 1.0) -> float:
         """Bytes that must cross HBM at least once.
 
         Forward: q, k, v read, out written, plus the causally visible part of the mask (1 byte)
         read, and of the bias (dtype) the kept fraction `density` (a skipped tile's bias is never
-        needed). Forward+backward adds: q, k, v, out, dout read, dq, dk, dv written, bias (kept
+        needed). mask_read: the fraction of that mask read (a call given the mask's block map
+        reads only the kept tiles': `density`). Forward+backward adds: q, k, v, out, dout read, dq, dk, dv written, bias (kept
         part) and mask read again, dbias written in full (it has bias's shape), lse.
         """
         q = self.batch * self.seqlen_q * self.heads * self.head_dim
@@ -122,7 +123,7 @@ class Config:
         bm_full = self.batch * self.kv_heads * self.seqlen_q * self.seqlen_k
         bm_vis = self.batch * self.kv_heads * self.visible_pairs()
         bias = bm_vis * dtype_bytes * density if self.has_bias else 0
-        mask = bm_vis * mask_bytes if self.has_mask else 0
+        mask = bm_vis * mask_bytes * mask_read if self.has_mask else 0
         fwd = (2 * q + 2 * kv) * dtype_bytes + bias + mask
         if pass_ != "fwd_bwd":
             return float(fwd)
@@ -133,9 +134,9 @@ class Config:
         return float(fwd + bwd + lse)
 
     def floor_ms(self, pass_: str, bandwidth: float, matmul_rate: float,
-                 density: float = 1.0) -> float:
+                 density: float = 1.0, mask_read: float = 1.0) -> float:
         """max(bytes / bandwidth, FLOPs / matmul rate) in milliseconds (rates in B/s, FLOP/s)."""
-        return 1e3 * max(self.bytes(pass_, density=density) / bandwidth,
+        return 1e3 * max(self.bytes(pass_, density=density, mask_read=mask_read) / bandwidth,
                          self.flops(pass_, density) / matmul_rate)
 
     # ---- a small version for the correctness check -----------------------------------------

@@ -35,6 +35,15 @@ from .configs import Config, density_block_keep, expand_block_mask
 PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "sdpa_cudnn_bias", "sdpa_efficient", "flex", "flex_build")
 PEER_FAMILIES = ("sdpa", "flex")
 OURS = "dmattn_cupy"
+#: dmattn_cupy with the mask's BlockMap made once, outside the timed call (dmattn_cupy.block_map),
+#: as FlexAttention's BlockMask is prebuilt: forward only, and only where there is a mask.
+OURS_MAP = "dmattn_cupy_map"
+OURS_IMPLS = (OURS, OURS_MAP)
+
+
+def applies(name: str, cfg: Config) -> bool:
+    """Whether implementation `name` runs on cfg (OURS_MAP needs a mask to map)."""
+    return name != OURS_MAP or cfg.has_mask
 
 #: "cuda" for benchmarks. "cpu" is the harness self-test mode (tests/test_benchmarks_cpu.py):
 #: dmattn_cupy runs its NumPy reference path, every SDPA peer the MATH backend, FlexAttention
@@ -221,7 +230,8 @@ def _leaf(t, grad: bool):
     return t.detach().clone().requires_grad_(grad) if t is not None else None
 
 
-def make_ours(inp: Inputs) -> Impl:
+def make_ours(inp: Inputs, with_map: bool = False):
+    """Impl of dmattn_cupy; with_map: (Impl of OURS_MAP, the map's build function)."""
     import torch
 
     import dmattn_cupy as dm
@@ -237,16 +247,28 @@ def make_ours(inp: Inputs) -> Impl:
     qc, kc, vc, doc = (conv(t) for t in (inp.q, inp.k, inp.v, inp.dout))
     bc, mc = conv(inp.bias), conv(inp.mask)
 
+    def build():
+        with on_torch_stream():
+            return dm.block_map(mc)
+
+    block_map = build() if with_map else None
+
     def fwd():  # CuPy out; as_torch() converts it for the checks, outside the timed calls
-        return dm.forward(qc, kc, vc, mc, bc, causal=cfg.causal)
+        return dm.forward(qc, kc, vc, mc, bc, causal=cfg.causal, block_map=block_map)
 
     def fwd_bwd():
-        out, lse = dm.forward(qc, kc, vc, mc, bc, causal=cfg.causal, return_lse=True)
+        out, lse = dm.forward(qc, kc, vc, mc, bc, causal=cfg.causal, return_lse=True,
+                              block_map=block_map)
         return dm.backward(doc, qc, kc, vc, out, lse, mc, bc, causal=cfg.causal)
 
     nbytes = tensor_bytes(inp.q, inp.k, inp.v, inp.bias, inp.mask)
-    return Impl(OURS, "full", fwd, fwd_bwd, nbytes, ctx=on_torch_stream,
-                has_bias_grad=inp.bias is not None)
+    if not with_map:
+        return Impl(OURS, "full", fwd, fwd_bwd, nbytes, ctx=on_torch_stream,
+                    has_bias_grad=inp.bias is not None)
+    impl = Impl(OURS_MAP, "full", fwd, fwd_bwd, nbytes + block_map.bits.nbytes, ctx=on_torch_stream,
+                has_bias_grad=inp.bias is not None,
+                notes="BlockMap made once by dmattn_cupy.block_map, outside the timed calls")
+    return impl, build
 
 
 def _sdpa_causal_flag(cfg: Config) -> bool:
@@ -478,6 +500,8 @@ def make_flex(inp: Inputs, build: bool) -> tuple[Impl, Callable]:
 def make_impl(name: str, inp: Inputs):
     if name == OURS:
         return make_ours(inp)
+    if name == OURS_MAP:
+        return make_ours(inp, with_map=True)[0]
     if name in ("sdpa_flash", "sdpa_cudnn"):
         return make_sdpa_plain(inp, name)
     if name in ("sdpa_efficient", "sdpa_cudnn_bias"):

@@ -13,7 +13,9 @@ from types import ModuleType
 
 from . import _reference, _topk
 from ._arrays import is_cupy
-from ._validate import require_bool, validate_attention, validate_backward, validate_topk
+from ._block_map import BlockMap, reference_block_map
+from ._validate import (require_bool, validate_attention, validate_backward, validate_block_map,
+                        validate_mask_array, validate_topk)
 
 
 @functools.cache  # find_spec walks the import system: ~30 us, more than a decode step's kernels
@@ -26,7 +28,7 @@ def _cuda_backend() -> ModuleType:
 
 
 def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=0.0,
-            return_lse=False):
+            return_lse=False, block_map=None):
     """Dynamic-mask attention forward.
 
     q (B, Sq, H, D); k, v (B, Sk, Hk, D) with H % Hk == 0 (query head h reads kv head
@@ -37,12 +39,16 @@ def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=
         out = softmax(s) v,  lse = log sum_j exp(s_ij)   (B, H, Sq)
 
     scale defaults to 1/sqrt(D). A row with no visible key gives out = 0 and lse = -inf.
+    block_map: the mask's BlockMap (``block_map(mask)``, or from ``topk_mask``), made once and
+    reused by every call with that mask: the CUDA path then skips tiles without reading the mask
+    first (it reads the kept tiles' mask rows only). It must describe this mask (see BlockMap).
     Returns out (q's shape and dtype), or (out, lse) when return_lse is True.
     """
     problem = validate_attention(q, k, v, mask, bias, scale, causal, softcap)
     return_lse = require_bool("return_lse", return_lse)
+    validate_block_map(block_map, mask, problem.xp)
     if is_cupy(problem.xp):
-        return _cuda_backend().forward(q, k, v, mask, bias, problem, return_lse)
+        return _cuda_backend().forward(q, k, v, mask, bias, problem, return_lse, block_map)
     out, lse = _reference.forward(q, k, v, mask, bias, problem)
     return (out, lse) if return_lse else out
 
@@ -69,7 +75,7 @@ def backward(dout, q, k, v, out, lse, mask=None, bias=None, *, scale=None, causa
     return _reference.backward(dout, q, k, v, out, mask, bias, problem)
 
 
-def topk_mask(bias, window, *, causal=False, block=None, mask=None):
+def topk_mask(bias, window, *, causal=False, block=None, mask=None, return_block_map=False):
     """Bool mask of bias's shape keeping the `window` largest visible bias entries per row.
 
     Entries hidden by `mask` (zero) or causal never count and are never kept; rows with fewer
@@ -77,8 +83,27 @@ def topk_mask(bias, window, *, causal=False, block=None, mask=None):
     block of keys is kept whole when more than half of it was kept (the last partial block
     uses its own length). NumPy arrays run the reference (dmattn_cupy._topk); CuPy arrays run a
     per-row radix select kernel with the same result, bit for bit.
+    return_block_map: returns (mask, its BlockMap) for forward's block_map; the CUDA kernel
+    writes the map as it writes the mask, so it costs no pass over the mask.
     """
     xp = validate_topk(bias, window, causal, block, mask)
+    with_map = require_bool("return_block_map", return_block_map)
     if is_cupy(xp):
-        return _cuda_backend().topk_mask(bias, window, causal, block, mask)
-    return _topk.topk_mask(bias, window, causal, block, mask, xp)
+        return _cuda_backend().topk_mask(bias, window, causal, block, mask, with_map)
+    result = _topk.topk_mask(bias, window, causal, block, mask, xp)
+    return (result, reference_block_map(result, xp)) if with_map else result
+
+
+def block_map(mask) -> BlockMap:
+    """The BlockMap of `mask` (B|1, H|Hk|1, Sq|1, Sk), bool or numeric, nonzero = keep: one bit
+    per mask row and 128-key tile, set where the row keeps a key of the tile.
+
+    Make it once per mask and pass it to every forward call with that mask (block_map=...): the
+    CUDA path then finds the tiles to skip from the map instead of reading the whole mask first
+    (a pass that costs the mask's bytes at the GPU's read rate on every call). NumPy masks give a
+    NumPy map (the reference), CuPy masks a CuPy one, from a kernel on the current stream.
+    """
+    xp = validate_mask_array(mask)
+    if is_cupy(xp):
+        return _cuda_backend().block_map(mask)
+    return reference_block_map(mask, xp)

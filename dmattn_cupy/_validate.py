@@ -277,3 +277,44 @@ def validate_gpu_backward_inputs(dout, out, lse) -> None:
         _require_gpu_half(name, array)
     if _dtype_name(lse) != "float32":
         raise TypeError(f"lse: the CUDA path takes float32; got dtype {_dtype_name(lse)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Block maps (dmattn_cupy._block_map)
+
+
+def validate_mask_array(mask) -> ModuleType:
+    """block_map's input: a 4-d bool or numeric mask with no empty dim; returns its module."""
+    xp = array_module(mask=mask)
+    _require_rank("mask", mask, "(batch, heads, seqlen_q, seqlen_k)")
+    if min(_shape(mask)) < 1:
+        raise ValueError(f"mask must have no empty dims; got shape {_shape(mask)}")
+    _require_mask_dtype(mask)
+    return xp
+
+
+def validate_block_map(block_map, mask, xp: ModuleType) -> None:
+    """forward's block_map: a BlockMap made from a mask of this mask's shape, on its device."""
+    if block_map is None:
+        return
+    from ._block_map import BlockMap, map_words
+
+    if not isinstance(block_map, BlockMap):
+        raise TypeError("block_map must be a dmattn_cupy.BlockMap (from block_map(mask) or "
+                        "topk_mask(..., return_block_map=True)) or None; "
+                        f"got {type(block_map).__qualname__}")
+    if mask is None:
+        raise ValueError("block_map describes a mask: pass the mask it was made from; got mask=None")
+    if tuple(block_map.mask_shape) != _shape(mask):
+        raise ValueError(f"block_map was made from a mask of shape {tuple(block_map.mask_shape)}; "
+                         f"got mask shape {_shape(mask)}")
+    bits = block_map.bits
+    bits_xp = array_module(**{"block_map.bits": bits})
+    if bits_xp is not xp:
+        raise TypeError(f"block_map.bits is a {bits_xp.__name__} array; the other inputs are "
+                        f"{xp.__name__} arrays")
+    expected = _shape(mask)[:3] + (map_words(_shape(mask)[3]),)
+    if _dtype_name(bits) != "uint32" or _shape(bits) != expected or not bits.flags.c_contiguous:
+        raise ValueError(f"block_map.bits must be a C-contiguous uint32 array of shape {expected}; "
+                         f"got {_dtype_name(bits)} {_shape(bits)}"
+                         f"{'' if bits.flags.c_contiguous else ', not contiguous'}")

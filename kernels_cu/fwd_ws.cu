@@ -2,8 +2,12 @@
 // multiprocessor takes work items (a 128-row query tile of one row group and key split: the same
 // ownership, block skipping, score transform and epilogue as fwd_kernel, fwd_block.cuh) from a
 // counter until none is left. A producer warpgroup makes every copy; two consumer warpgroups of 64
-// rows each only compute, on 128-key tiles. With a mask, fwd_ws_bits_kernel runs first and finds
-// each query tile's active key tiles (one bit per tile, in global memory).
+// rows each only compute, on 128-key tiles. With a mask, an item's active key tiles come from the
+// mask's block map (block_map.cu: one bit per mask row and key tile, in global memory), which the
+// caller made once (block_map, topk_mask) or the call writes first with block_map_kernel over the
+// whole GPU. (Scanning the mask inside this kernel was latency-bound every way it was tried: on
+// the scheduler's 64 threads, one CTA per multiprocessor, it streams ~5-20 GB/s against the
+// pre-pass's 2.7 TB/s, and per query head rather than per mask head: benchmarks/NOTES.md 46-49.)
 //
 // Why: with one CTA per multiprocessor, a kernel whose threads both copy and compute waits for
 // each copy's latency. Here the scheduler warps hand item n + 1 on (and write every empty item
@@ -16,9 +20,9 @@
 //                      done); per active key tile: K, then V, by TMA into their rings
 //     warp 1           per active key tile: the tile's mask and bias rows by cp.async, into the aux
 //                      ring
-//     warps 2-3        the scheduler: fetches the next item; with a mask, copies its split's bits
-//                      from tile_bits; hands the item with its bits to the item ring, or writes it
-//                      if no tile is active
+//     warps 2-3        the scheduler: fetches the next item; with a mask, ORs its rows of the
+//                      block map into its split's bits; hands the item with its bits to the item
+//                      ring, or writes it if no tile is active
 // Mask and bias rows are short (128 or 256 bytes per row and tile): as bulk copies, one per row,
 // the copy engine's per-instruction cost capped the CTA (H100, gqa8k sweep at density 1/16: 0.54
 // ms against 0.28 for the narrow kernel); cp.async spreads them over the lanes, each lane's copies
@@ -42,6 +46,7 @@
 // Shared memory (config.py mirrors it; tiles rows x D x 2 bytes in 128-byte swizzled slabs):
 //   sQ | sK[KS] | sV[VS] | sAux[KS] (seq_rows x (kMaskRow + kBiasRow)) | barriers |
 //   item indexes [kItemSlots], next item [2] | bits [kItemSlots]
+#include "block_map.cuh"
 #include "fwd_block.cuh"
 #include "tile_mma.cuh"
 #include "pipeline.cuh"
@@ -85,7 +90,6 @@ struct WsFwdTraits {
   static constexpr int kKStages = 2;    // K and aux tiles: visit i + 1 copied during visit i
   static constexpr int kVStages = 2;    // V_i copied during visit i, read during visit i + 1
   static constexpr int kItemSlots = 2;  // items handed on ahead of the consumers
-  static constexpr int kBitsThreads = 256;  // fwd_ws_bits_kernel
   // 72 x 128 + 216 x 256 = 64512 registers: what 384 threads x 168 hold at launch (the consumers
   // need 216 to keep S, P and O in registers; the scheduler spills a few bytes at 72).
   static constexpr int kProducerRegs = 72, kConsumerRegs = 216;
@@ -94,45 +98,12 @@ struct WsFwdTraits {
   static constexpr int kBarriers = 2 * kQStages + 4 * kKStages + 2 * kVStages + 2 * kItemSlots;
 };
 
-// tile_bits: row ((mask batch x mask heads + mask head) x m_blocks + m_block) holds bit_words words;
-// bit t: key tile t holds a kept key that a row of the query tile sees. A mask broadcast over batch
-// or heads (stride 0) has one row for all of them: the pre-pass reads each distinct mask tile once.
-__device__ __forceinline__ int ws_bits_heads(const AttnParams& a) {
-  return a.mask_stride[1] == 0 ? 1 : a.heads / a.mask_head_div;
-}
-__device__ __forceinline__ int ws_bits_row(const FwdParams& p, int b, int h, int m_block) {
-  const AttnParams& a = p.a;
-  const int head = a.mask_stride[1] == 0 ? 0 : h / a.mask_head_div;
-  return ((a.mask_stride[0] == 0 ? 0 : b) * ws_bits_heads(a) + head) * p.m_blocks + m_block;
-}
-
-// The mask pre-pass: one CTA per word of tile_bits, (word, m_block, mask batch x mask head) =
-// blockIdx, scans 32 key tiles of one query tile's mask rows (scan_mask_rows; the wide kernel runs
-// only with 16-byte aligned mask rows). Tiles past the causal limit stay 0 unread.
-// Why a separate kernel: in fwd_ws_kernel the scan ran on the scheduler's 64 threads, one CTA per
-// multiprocessor, and its latency capped sparse masks (H100, gqa8k sweep at density 1/16: 0.61-
-// 0.65 ms against 0.28 for the narrow kernel); here the whole GPU streams the mask, and once per
-// mask head rather than once per query head.
-template <int MASK_BYTES, bool CAUSAL>
-__global__ void __launch_bounds__(WsFwdTraits::kBitsThreads) fwd_ws_bits_kernel(const __grid_constant__ FwdParams p) {
-  constexpr int BN = WsFwdTraits::kBlockN;
-  const AttnParams& a = p.a;
-  const int word = blockIdx.x, m_block = blockIdx.y, heads = ws_bits_heads(a);
-  const int seq_rows = WsFwdTraits::kBlockM / a.pack, m0 = m_block * seq_rows;
-  const int key_end = visible_key_end<CAUSAL>(min(m0 + seq_rows, a.seqlen_q) - 1, a.seqlen_q, a.seqlen_k);
-  const int t0 = 32 * word, t1 = min(t0 + 32, key_end > 0 ? (key_end + BN - 1) / BN : 0);
-  __shared__ u32 bits;
-  if (threadIdx.x == 0) bits = 0u;
-  __syncthreads();
-  if (t0 < t1) {
-    const unsigned char* mask = static_cast<const unsigned char*>(a.mask) +
-        (static_cast<int>(blockIdx.z) / heads * a.mask_stride[0] + static_cast<int>(blockIdx.z) % heads * a.mask_stride[1]) *
-            MASK_BYTES;
-    scan_mask_rows<MASK_BYTES, BN, WsFwdTraits::kBitsThreads / 32, CAUSAL>(&bits, mask, a.mask_stride[2], m0, seq_rows,
-                                                                           t0, t1 - t0, a.seqlen_q, a.seqlen_k);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) p.tile_bits[(static_cast<i64>(blockIdx.z) * p.m_blocks + m_block) * p.bit_words + word] = bits;
+// The words of the block map (block_map.cu) holding query tile blk's rows: rows `stride` words apart.
+template <typename Block>
+__device__ __forceinline__ const u32* ws_map_rows(const FwdParams& p, const Block& blk, int& rows, i64& stride) {
+  stride = p.map_stride[2];
+  rows = stride == 0 ? 1 : min(blk.seq_rows, p.a.seqlen_q - blk.m0);
+  return p.block_map + blk.b * p.map_stride[0] + blk.h0 / p.a.mask_head_div * p.map_stride[1] + blk.m0 * stride;
 }
 
 template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
@@ -144,6 +115,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
   typedef WgmmaTiles<T, HEAD_DIM, BM, BN> Tiles;
   constexpr int NA = Tiles::NA, DA = Tiles::DA;
   typedef FwdBlock<T, HEAD_DIM, BM, BN, 128, MASK_BYTES, BIAS_BYTES, CAUSAL, SOFTCAP> Block;
+  static_assert(BN == kMapKeys, "a key tile is a block map bit");
   const AttnParams& a = p.a;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -242,17 +214,33 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
         bool active = tiles > 0;
         if (MASK_BYTES > 0 || active) item_ring.acquire(published);  // its bits slot is free
         if constexpr (MASK_BYTES > 0) {
-          // The split's bits, from bit t_begin of the query tile's row of tile_bits
-          const u32* row = p.tile_bits + ws_bits_row(p, blk.b, blk.h0, blk.m0 / seq_rows) * p.bit_words;
+          // The split's bits: the OR of the tile's rows of the block map, from bit t_begin on.
+          // (row, word) pairs over the 64 threads, four loads in flight each before their ORs.
+          int rows;
+          i64 row_stride;
+          const u32* map = ws_map_rows(p, blk, rows, row_stride);
           u32* bits = items_q.bits_of(published);
-          for (int w = st; w < bit_words; w += 64) {
-            const int t = blk.t_begin + 32 * w, left = tiles - 32 * w;  // t < t_end: inside the row
-            u32 word = 0u;
-            if (left > 0) {
-              const u32 lo = row[t >> 5], hi = (t & 31) && (t >> 5) + 1 < p.bit_words ? row[(t >> 5) + 1] : 0u;
-              word = __funnelshift_r(lo, hi, t & 31) & (left >= 32 ? ~0u : (1u << left) - 1);
+          for (int w = st; w < bit_words; w += 64) bits[w] = 0u;
+          named_barrier_sync(Tr::kSchedBar, 64);
+          const int pairs = rows * bit_words;
+          for (int u0 = st; u0 < pairs; u0 += 4 * 64) {
+            u32 word[4];
+            int w[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int u = u0 + 64 * j, r = u / bit_words;
+              w[j] = u - r * bit_words;
+              const int t = blk.t_begin + 32 * w[j], left = tiles - 32 * w[j];  // t < t_end: inside the row
+              word[j] = 0u;
+              if (u < pairs && left > 0) {
+                const u32* row = map + r * row_stride;
+                const u32 lo = row[t >> 5], hi = (t & 31) && (t >> 5) + 1 < p.map_words ? row[(t >> 5) + 1] : 0u;
+                word[j] = __funnelshift_r(lo, hi, t & 31) & (left >= 32 ? ~0u : (1u << left) - 1);
+              }
             }
-            bits[w] = word;
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              if (word[j]) atomicOr(&bits[w[j]], word[j]);
           }
           named_barrier_sync(Tr::kSchedBar, 64);
           u32 any = 0u;

@@ -86,50 +86,6 @@ __device__ void scan_mask_tiles(u32* bits, const unsigned char* base, const i64 
   }
 }
 
-// The wide forward's pre-pass (fwd_ws.cu), for masks read as aligned 16-byte chunks (mask_vec):
-// sets bit j of *bits (shared) when key tile tile_begin + j (j < tiles <= 32) has a kept key that a
-// row of [row0, row0 + rows) sees, with scan_mask_tiles' conventions (causality at chunk
-// granularity; a mask broadcast over rows is one row under the last row's limit). A warp's lanes
-// read consecutive chunks of one row, kLoads each in flight (every load: 512 contiguous bytes);
-// scan_mask_tiles gives each lane its own tile instead, and its loads touch 32 lines at once, which
-// capped this pass at 2 TB/s (H100). A ballot per load gathers the lanes' chunks per tile. Warps
-// take (row, span of 32 x kLoads chunks) units in turn.
-template <int ELEM, int BLOCK_N, int WARPS, bool CAUSAL>
-__device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 row_stride, int row0, int rows,
-                               int tile_begin, int tiles, int seqlen_q, int seqlen_k) {
-  constexpr int kTileChunks = BLOCK_N * ELEM / 16;  // chunks per row of a tile
-  constexpr int kLoads = 8;
-  constexpr int kSpan = 32 * kLoads;
-  static_assert(kTileChunks <= 32 && 32 % kTileChunks == 0, "whole tiles per 32 chunks");
-  constexpr u32 kTileLanes = kTileChunks == 32 ? ~0u : (1u << kTileChunks) - 1;
-  rows = min(rows, seqlen_q - row0);
-  const int causal_shift = row_stride == 0 ? rows - 1 : 0;
-  if (row_stride == 0) rows = 1;
-  const int key0 = tile_begin * BLOCK_N, spans = (tiles * kTileChunks + kSpan - 1) / kSpan;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  u32 found = 0u;
-  for (int u = warp; u < rows * spans; u += WARPS) {
-    const int r = u / spans, c0 = (u - r * spans) * kSpan, row = row0 + r;
-    const int key_end = CAUSAL ? min(seqlen_k, row + causal_shift + seqlen_k - seqlen_q + 1) : seqlen_k;
-    const int chunks = min(tiles * kTileChunks, ((key_end - key0) * ELEM + 15) / 16);  // the visible ones
-    const uint4* g = reinterpret_cast<const uint4*>(base + (static_cast<i64>(row) * row_stride + key0) * ELEM);
-    uint4 chunk[kLoads];
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const int c = c0 + 32 * j + lane;
-      chunk[j] = c < chunks ? g[c] : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-      const u32 lanes = __ballot_sync(0xffffffffu, chunk_any_keep<ELEM>(chunk[j]));
-#pragma unroll
-      for (int q = 0; q < 32 / kTileChunks; ++q)
-        if (lanes & (kTileLanes << (q * kTileChunks))) found |= 1u << ((c0 + 32 * j) / kTileChunks + q);
-    }
-  }
-  if (lane == 0 && found) atomicOr(bits, found);
-}
-
 // First set bit at index >= j in `bits` (n bits), or n.
 __device__ __forceinline__ int next_set_bit(const u32* bits, int j, int n) {
   while (j < n) {

@@ -30,15 +30,20 @@
 // owns whole blocks, counts their chosen flags (2 * kept > block length: keep the block) and
 // overwrites them with kept & visible. Nothing is allocated besides the output.
 //
+// With p.block_map, the row's block map (block_map.cu: a bit per 128-key tile holding a kept key)
+// is gathered in shared memory from one ballot per 32 written flags and stored at the end: the
+// forward then needs no pass over the mask to find the tiles to skip.
+//
 // CTA width: 256 threads, or 1024 when there are too few rows to fill the GPU (the launcher's
-// threads_per_row); shared memory: the 256-bin histogram, 32 tie counts, the pick (~1.2 KiB).
+// threads_per_row); shared memory: the 256-bin histogram, 32 tie counts, the pick (~1.2 KiB), and
+// with a block map its row (map_words words, dynamic).
 //
 // Barriers: per radix pass, (1) hist zeroed before counting, (2) counts complete before warp 0
 // picks the digit, (3) the pick is published before every thread reads it; the next pass zeroes
 // hist and warp 0 writes the pick only after barriers that every reader has passed. Then (4) the
 // per-warp tie counts are complete before each warp sums those ahead of it, and (5) every chosen
 // flag is in `out` before block smoothing reads it.
-#include "params.cuh"
+#include "block_map.cuh"
 
 namespace dmattn {
 
@@ -167,10 +172,16 @@ topk_mask_kernel(const __grid_constant__ TopkParams p) {
   __shared__ int hist[kRadix];
   __shared__ int warp_ties[32];
   __shared__ RadixPick<U> pick;
+  extern __shared__ u32 row_map[];  // p.map_words, with p.block_map
 
   const Row row(p, blockIdx.x);
   const int sk = p.seqlen_k;
   unsigned char* out = p.out + static_cast<i64>(blockIdx.x) * sk;
+  const bool map = p.block_map != nullptr;
+  if (map) {
+    for (int w = threadIdx.x; w < p.map_words; w += blockDim.x) row_map[w] = 0u;
+    __syncthreads();
+  }
 
   // Radix select of the window-th largest key: every key of the row counts, hidden ones too.
   U prefix = 0;
@@ -223,7 +234,9 @@ topk_mask_kernel(const __grid_constant__ TopkParams p) {
     const bool chosen = high > prefix || (tie && (all_ties || rank < k));
     before += __popc(ties);
     // Without smoothing, chosen hidden keys (filling a short row's window) are dropped here.
-    if (j < end) out[j] = smooth ? chosen : chosen && key != U(kHiddenKey);
+    const bool kept = j < end && (smooth ? chosen : chosen && key != U(kHiddenKey));
+    if (j < end) out[j] = kept;
+    if (map && !smooth) mark_map_tiles(row_map, __ballot_sync(0xffffffffu, kept), j0, lane);
   }
 
   if (smooth) {
@@ -235,8 +248,19 @@ topk_mask_kernel(const __grid_constant__ TopkParams p) {
       for (int j = k0 + lane; j < k1; j += 32) kept += out[j];
       kept = __reduce_add_sync(0xffffffffu, kept);  // every lane has read its flags
       const bool keep_block = 2 * kept > k1 - k0;   // more than half of the block's own length
-      for (int j = k0 + lane; j < k1; j += 32) out[j] = keep_block && row.visible(j);
+      for (int j0 = k0; j0 < k1; j0 += 32) {
+        const int j = j0 + lane;
+        const bool keep = j < k1 && keep_block && row.visible(j);
+        if (j < k1) out[j] = keep;
+        if (map && keep_block) mark_map_tiles(row_map, __ballot_sync(0xffffffffu, keep), j0, lane);
+      }
     }
+  }
+
+  if (map) {
+    __syncthreads();  // every bit of the row is in row_map
+    for (int w = threadIdx.x; w < p.map_words; w += blockDim.x)
+      p.block_map[static_cast<i64>(blockIdx.x) * p.map_words + w] = row_map[w];
   }
 }
 

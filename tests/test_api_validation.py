@@ -222,6 +222,45 @@ def test_topk_causal_must_be_bool():
 
 
 # ---------------------------------------------------------------------------------------------
+# block maps
+
+
+def _mask(shape=(B, HK, SQ, SK)):
+    return np.random.default_rng(1).random(shape) < 0.5
+
+
+@pytest.mark.parametrize("mask", [np.zeros((2, 5, 7)), np.zeros((2, 1, 0, 7), dtype=bool),
+                                  np.zeros((1, 1, 1, 7), dtype=np.complex64), [[[[1]]]]])
+def test_block_map_input(mask):
+    error = TypeError if isinstance(mask, list) or mask.dtype.kind == "c" else ValueError
+    with pytest.raises(error, match="mask"):
+        dmattn_cupy.block_map(mask)
+
+
+def test_forward_block_map_must_be_a_block_map():
+    forward_error(TypeError, "^block_map must be a dmattn_cupy.BlockMap", mask=_mask(), block_map=np.zeros(3))
+
+
+def test_forward_block_map_needs_its_mask():
+    block_map = dmattn_cupy.block_map(_mask())
+    forward_error(ValueError, "^block_map describes a mask", block_map=block_map)
+    forward_error(ValueError, r"^block_map was made from a mask of shape \(2, 2, 5, 7\); got mask shape "
+                  r"\(2, 1, 5, 7\)", mask=_mask((B, 1, SQ, SK)), block_map=block_map)
+
+
+@pytest.mark.parametrize("bits", [np.zeros((2, 2, 5, 1), dtype=np.int32), np.zeros((2, 2, 5, 2), dtype=np.uint32),
+                                  np.zeros((2, 2, 5, 2), dtype=np.uint32)[..., :1]])
+def test_forward_block_map_bits(bits):
+    block_map = dmattn_cupy.BlockMap(bits, (B, HK, SQ, SK))
+    forward_error(ValueError, r"^block_map.bits must be a C-contiguous uint32 array of shape \(2, 2, 5, 1\)",
+                  mask=_mask(), block_map=block_map)
+
+
+def test_topk_return_block_map_must_be_bool():
+    topk_error(TypeError, "^return_block_map must be a bool", return_block_map=1)
+
+
+# ---------------------------------------------------------------------------------------------
 # CuPy dispatch, without CuPy: a stand-in `cupy` module and array type
 
 

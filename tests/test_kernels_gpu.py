@@ -42,10 +42,10 @@ def mma_path(request, monkeypatch):
 
 
 
-def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None):
+def check_forward(q, k, v, mask, bias, *, causal=False, softcap=0.0, scale=None, block_map=None):
     poison_pool()
     out, lse = dmattn_cupy.forward(q, k, v, mask, bias, scale=scale, causal=causal,
-                                   softcap=softcap, return_lse=True)
+                                   softcap=softcap, return_lse=True, block_map=block_map)
     want_out, want_lse = ref.forward(q, k, v, mask, bias, scale=scale, causal=causal, softcap=softcap)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == numpy.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
@@ -326,6 +326,50 @@ def test_ws_forward_counts_active_tiles_and_repeats(monkeypatch):
     second = cuda_forward(q, k, v, mask, bias, problem, False)
     assert bool((first == second).all())
     assert _checked_wide(q, k, v, mask, bias, causal=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 900, 896), (2, 1, 1, 896), (1, 8, 900, 896), "expanded"])
+def test_ws_forward_with_block_map(shape, monkeypatch):
+    """The caller's block map (dmattn_cupy.block_map, made once) in place of the call's own pass:
+    the same tiles are computed (the counter), the output is right, causal or not, for masks
+    broadcast over batch, heads or rows, one per query head, and expanded (zero-stride) over the
+    batch; a map with every bit set (all tiles visited, hidden ones computed as -inf) agrees too.
+    The narrow kernels read their own mask and take the map unused."""
+    from dmattn_cupy._cuda.forward import forward as cuda_forward
+    from dmattn_cupy._validate import validate_attention
+
+    _hopper_wide(monkeypatch)
+    mask_shape = (1, 2, 900, 896) if shape == "expanded" else shape
+    q, k, v, mask, bias = make_inputs(2, 900, 896, 8, 2, 128, "bfloat16", mask_shape, (2, 2, 900, 896),
+                                      density=0.2)
+    mask = _block_mask(*mask_shape, 0.3) & mask if mask_shape[2] > 1 else mask
+    if shape == "expanded":
+        mask = cupy.broadcast_to(mask, (2, 2, 900, 896))
+    bias = None if mask.shape[1] == 8 else bias
+    block_map = dmattn_cupy.block_map(mask)
+    everything = dmattn_cupy.BlockMap(cupy.full_like(block_map.bits, 0xFFFFFFFF), block_map.mask_shape)
+    for causal in (False, True):
+        assert _checked_wide(q, k, v, mask, bias, causal=causal, block_map=block_map)
+        check_forward(q, k, v, mask, bias, causal=causal, block_map=everything)
+        problem = validate_attention(q, k, v, mask, bias, None, causal, 0.0)
+        counts = []
+        for given in (None, block_map):
+            counter = cupy.zeros(1, dtype=numpy.uint64)
+            cuda_forward(q, k, v, mask, bias, problem, False, given, tiles_visited=counter)
+            counts.append(int(counter.get()[0]))
+        assert counts[0] == counts[1] > 0
+    monkeypatch.setenv("DMATTN_CUPY_TMA", "0")
+    assert not _checked_wide(q, k, v, mask, bias, causal=True, block_map=block_map)
+
+
+def test_ws_forward_with_topk_block_map(monkeypatch):
+    """topk_mask's own map (written beside the mask) drives the wide forward: top-k smoothed to
+    128-key blocks, as the benchmark's gqa8k_topk, and plain top-k."""
+    _hopper_wide(monkeypatch)
+    q, k, v, _, bias = make_inputs(2, 1000, 1024, 8, 2, 128, "bfloat16", None, (2, 2, 1000, 1024))
+    for block in (128, None):
+        mask, block_map = dmattn_cupy.topk_mask(bias, 256, causal=True, block=block, return_block_map=True)
+        assert _checked_wide(q, k, v, mask, bias, causal=True, block_map=block_map)
 
 
 def test_kv_broadcast_over_batch(mma_path):

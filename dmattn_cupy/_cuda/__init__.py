@@ -4,7 +4,8 @@ Inputs arrive validated by dmattn_cupy._validate; everything runs on CuPy's curr
 """
 
 from .backward import backward
+from .block_map import block_map
 from .forward import forward
 from .topk import topk_mask
 
-__all__ = ["forward", "backward", "topk_mask"]
+__all__ = ["forward", "backward", "topk_mask", "block_map"]

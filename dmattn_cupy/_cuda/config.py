@@ -19,13 +19,11 @@ WGMMA_V_STAGES = 2  # fwd_wgmma.cu, WgmmaFwdTraits::kVStages; fwd_ws.cu, WsFwdTr
 THREADS = 128  # one warpgroup: fwd_kernel, fwd_combine_kernel, the narrow Hopper kernel
 # fwd_ws.cu (WsFwdTraits): a producer warpgroup and two consumers; Q tiles in flight, the items
 # handed on ahead and the mbarriers (a full and an empty one per slot of the Q, K, V, aux and item
-# rings); fwd_ws_bits_kernel's threads and key tiles per CTA (one word of bits).
+# rings).
 WS_THREADS = 3 * THREADS
 WS_Q_STAGES = 1
 WS_ITEM_SLOTS = 2
 WS_BARRIERS = 2 * (WS_Q_STAGES + 2 * 2 + WGMMA_V_STAGES + WS_ITEM_SLOTS)
-WS_BITS_THREADS = 256
-WS_BITS_TILES = 32
 # Shared memory one CTA may use with two CTAs resident per multiprocessor (sm_80/sm_90: 227 KiB
 # usable per SM, 1 KiB reserved per CTA), and alone.
 SMEM_PER_CTA_FOR_TWO = 113 * 1024
@@ -154,12 +152,6 @@ def use_wgmma(capability: int, head_dim: int, choice: str) -> bool:
     """The warpgroup kernel needs sm_90 and a tile head dim of 64 or 128; it is the default
     there ("auto" and "wgmma" agree), "sync" turns it off (see mma_choice)."""
     return capability == 90 and choice != "sync" and tile_head_dim(head_dim) in WGMMA_HEAD_DIMS
-
-
-def ws_bit_words(seqlen_k: int) -> int:
-    """fwd_ws_kernel's tile_bits: words per query tile (one bit per key tile), and so the pre-pass's
-    CTAs per query tile."""
-    return math.ceil(math.ceil(seqlen_k / WIDE_BLOCK_N) / WS_BITS_TILES)
 
 
 def fwd_config(*, head_dim: int, batch: int, heads: int, group: int, seqlen_q: int,

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy
 
+from .._block_map import map_strides, map_words
 from . import compile as nvrtc
 from . import device
-from .config import (DECODE_THREADS, WIDE_BLOCK_N, WS_BITS_THREADS, combine_blocks, combine_threads, decode_config,
-                     fwd_config, use_decode, use_wgmma, ws_bit_words)
+from .block_map import MapPass, map_pass
+from .config import (DECODE_THREADS, WIDE_BLOCK_N, combine_blocks, combine_threads, decode_config, fwd_config,
+                     use_decode, use_wgmma)
 from .fill import fill_attn
 from .operands import aux_operand, qkv_operand
 from .params import FWD_PARAMS, TENSOR_MAP_WORDS, new_record, pointer_slots
@@ -23,8 +25,8 @@ from .tma import bshd_tensor_map
 
 _INPUTS = pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias")
 assert _INPUTS == tuple(range(_INPUTS[0], _INPUTS[0] + 5))  # one slice store per call
-_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS, _TILE_BITS = pointer_slots(
-    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "tile_bits")
+_OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS, _BLOCK_MAP = pointer_slots(
+    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "block_map")
 _Q_MAP, _K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("q_map", "k_map", "v_map"))
 
 
@@ -45,7 +47,8 @@ class FwdPlan:
     arrivals: int           # counters it needs (decode: one per batch x kv head; fwd_ws: two)
     problem: object         # the validated Problem whose identity keys this plan (kept alive)
     tma_rows: tuple = ()    # fwd_ws: rows per box of the Q and of the K/V tensor maps (per call)
-    bits: tuple = ()        # fwd_ws with a mask: (fwd_ws_bits_kernel, its grid, words of tile_bits)
+    reads_map: bool = False  # fwd_ws with a mask: the kernel reads a block map, the caller's or,
+    map_pass: MapPass = None  # without one, the map this pass writes first into the scratch
     # `words` and the kernelParams pointer to it (nvrtc.ParamBuffer); one call fills them at a time
     buffer: nvrtc.ParamBuffer = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
@@ -64,10 +67,10 @@ class _Workspace:
     """Scratch reused by the calls on one stream (they run in order, so no two use it at once):
     the decode kernel's split partials, counters that every call leaves at zero (so they are
     zeroed only when allocated): the decode kernel's arrivals, fwd_ws_kernel's work counter, and
-    fwd_ws_kernel's tile bits (written whole by each call's pre-pass)."""
+    the block map that fwd_ws_kernel reads when the caller gave none (written whole by each call)."""
     partials: object = None
     counters: object = None
-    bits: object = None
+    block_map: object = None
 
 
 def release_workspaces() -> None:
@@ -75,7 +78,7 @@ def release_workspaces() -> None:
     _WORKSPACES.clear()
 
 
-def _workspace(partial_elems: int, counters: int, bit_words: int, stream: int) -> _Workspace:
+def _workspace(partial_elems: int, counters: int, map_elems: int, stream: int) -> _Workspace:
     import cupy
 
     key = (cupy.cuda.runtime.getDevice(), stream)
@@ -86,8 +89,8 @@ def _workspace(partial_elems: int, counters: int, bit_words: int, stream: int) -
         ws.partials = cupy.empty(partial_elems, dtype=numpy.float32)
     if ws.counters is None or ws.counters.size < counters:
         ws.counters = cupy.zeros(max(counters, 64), dtype=numpy.uint32)
-    if bit_words and (ws.bits is None or ws.bits.size < bit_words):
-        ws.bits = cupy.empty(bit_words, dtype=numpy.uint32)
+    if map_elems and (ws.block_map is None or ws.block_map.size < map_elems):
+        ws.block_map = cupy.empty(map_elems, dtype=numpy.uint32)
     return ws
 
 
@@ -99,7 +102,8 @@ def _operands(q, k, v, mask, bias, problem):
             aux_operand(bias, heads=H, kv_heads=Hk, seqlen_k=Sk, is_mask=False))
 
 
-def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str, tma: bool) -> FwdPlan:
+def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: str, tma: bool,
+          given_map: bool) -> FwdPlan:
     q2, k2, v2, m, b = _operands(q, k, v, mask, bias, problem)
     B, Sq, Sk, H, D = problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads, problem.head_dim
     Hk = problem.kv_heads
@@ -139,12 +143,17 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
         kernel = nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_kernel", elem, cfg.tiles.head_dim, *flags))
     combine = (nvrtc.get_kernel("fwd.cu", nvrtc.kernel_name("fwd_combine_kernel", elem))
                if cfg.num_splits > 1 else None)
-    bits = ()
-    if wide and m.elem_bytes:
-        rec["bit_words"] = words = ws_bit_words(Sk)
-        bit_rows = (1 if m.strides[0] == 0 else B) * (1 if m.strides[1] == 0 else H // m.head_div)
-        bits = (nvrtc.get_kernel("fwd_ws.cu", nvrtc.kernel_name("fwd_ws_bits_kernel", m.elem_bytes, problem.causal), "sm_90a"),
-                (words, cfg.m_blocks, bit_rows), bit_rows * cfg.m_blocks * words)
+    reads_map, prepass = wide and m.elem_bytes > 0, None
+    if reads_map:
+        # The caller's map has the mask's shape; the one made here has a row per distinct mask row
+        # (one along a broadcast or expanded dim) and reads only the keys the call's rows see.
+        rec["map_words"] = map_words(Sk)
+        if given_map:
+            dims = tuple(mask.shape[:3])
+        else:
+            dims = tuple(n if s else 1 for n, s in zip(m.array.shape[:3], m.strides[:3]))
+            prepass = map_pass(m, dims, Sk, Sq if problem.causal else 0)
+        rec["map_stride"] = map_strides(dims, map_words(Sk))
     items = cfg.m_blocks * B * H // cfg.pack * cfg.num_splits
     # fwd_ws is persistent: a CTA per multiprocessor (at most one per item) takes items from a counter
     grid = (min(items, sm_count), 1, 1) if wide else (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits)
@@ -152,11 +161,11 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
                    cfg.tiles.threads, cfg.smem_bytes, combine, (combine_blocks(cfg.num_splits, B * H * Sq),),
                    combine_threads(cfg.num_splits, D), prepare, cfg.num_splits,
                    cfg.num_splits * B * H * Sq * (D + 1) if cfg.num_splits > 1 else 0, 2 if wide else 0, problem,
-                   (cfg.tiles.block_m // cfg.pack, WIDE_BLOCK_N) if wide else (), bits)
+                   (cfg.tiles.block_m // cfg.pack, WIDE_BLOCK_N) if wide else (), reads_map, prepass)
 
 
-def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
-    """See dmattn_cupy.forward. `tiles_visited` (uint64 cupy array of 1) counts the
+def forward(q, k, v, mask, bias, problem, return_lse, block_map=None, *, tiles_visited=None):
+    """See dmattn_cupy.forward (block_map: validated there). `tiles_visited` (uint64 cupy array of 1) counts the
     (query tile x key tile) pairs computed, for tests of block skipping.
 
     A call whose shapes, strides, dtypes and options were seen before costs one dictionary
@@ -172,12 +181,13 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
     # validate_attention hands out one Problem per signature (array types, shapes, dtypes,
     # strides and options), so its identity stands for all of them; the plan keeps it alive.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
-    key = (id(problem), aligned, sm_count, choice, tma)
+    key = (id(problem), aligned, sm_count, choice, tma, block_map is None)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(q, k, v, mask, bias, problem, capability, sm_count, choice, tma)
+        plan = _PLANS[key] = _plan(q, k, v, mask, bias, problem, capability, sm_count, choice, tma,
+                                   block_map is not None)
     if plan.prepare:
         q, k, v, m, _ = _operands(q, k, v, mask, None, problem)
         ptrs = (q.data.ptr, k.data.ptr, v.data.ptr, m.ptr, ptrs[4])
@@ -201,17 +211,17 @@ def forward(q, k, v, mask, bias, problem, return_lse, *, tiles_visited=None):
                 words[slot:slot + TENSOR_MAP_WORDS] = bshd_tensor_map(x, rows)
         if plan.arrivals:  # counters, and the decode kernel's partials: small scratch kept per stream
             ws = _workspace(0 if plan.combine else plan.partial_elems, plan.arrivals,
-                            plan.bits[2] if plan.bits else 0, stream)
+                            plan.map_pass.map_elems if plan.map_pass else 0, stream)
             words[_ARRIVALS] = ws.counters.data.ptr
             if partials is None:
                 partials = ws.partials
-            if plan.bits:
-                words[_TILE_BITS] = ws.bits.data.ptr
+            if plan.reads_map:
+                words[_BLOCK_MAP] = ws.block_map.data.ptr if plan.map_pass else block_map.bits.data.ptr
         if plan.partial_elems:
             words[_O_SPLIT] = partials.data.ptr
             words[_LSE_SPLIT] = partials.data.ptr + 4 * plan.num_splits * B * H * Sq * D
-        if plan.bits:  # fwd_ws's pre-pass: the active key tiles of every query tile
-            nvrtc.launch_args(plan.bits[0], plan.bits[1], WS_BITS_THREADS, args, 0, stream)
+        if plan.map_pass:  # fwd_ws without the caller's block map: the mask's, first
+            plan.map_pass.launch(ptrs[3], ws.block_map.data.ptr, stream)
         nvrtc.launch_args(plan.kernel, plan.grid, plan.threads, args, plan.smem_bytes, stream)
         if plan.combine is not None:
             nvrtc.launch_args(plan.combine, plan.combine_grid, plan.combine_threads, args, 0, stream)

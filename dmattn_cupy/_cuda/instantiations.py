@@ -57,9 +57,10 @@ COVERING_SET = {
     "fwd_wgmma.cu": [(kernel_name("fwd_wgmma_kernel", t, d, *f), "FwdParams", HOPPER)
                      for t, d, *f in ATTENTION_FLAGS if d in WGMMA_HEAD_DIMS],
     "fwd_ws.cu": [(kernel_name("fwd_ws_kernel", t, d, *f), "FwdParams", HOPPER)
-                  for t, d, *f in ATTENTION_FLAGS if d in WGMMA_WIDE_HEAD_DIMS]
-    + [(kernel_name("fwd_ws_bits_kernel", m, c), "FwdParams", HOPPER)
-       for m, c in sorted({(f[2], f[4]) for f in ATTENTION_FLAGS if f[2]})],
+                  for t, d, *f in ATTENTION_FLAGS if d in WGMMA_WIDE_HEAD_DIMS],
+    # block maps (element bytes of a native mask; rows read as 16-byte chunks or element-wise)
+    "block_map.cu": [(kernel_name("block_map_kernel", m, vec), "BlockMapParams", PORTABLE)
+                     for m in (1, 2, 4) for vec in (True, False)],
     "bwd.cu": [(kernel_name("bwd_dkdv_kernel", t, d, False, *f), "BwdParams", PORTABLE)
                for t, d, *f in ATTENTION_FLAGS + BWD_EXTRA_FLAGS]
     + [(kernel_name("bwd_dkdv_kernel", t, d, True, *f), "BwdParams", HOPPER)

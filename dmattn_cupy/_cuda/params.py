@@ -48,9 +48,9 @@ FWD_PARAMS = _padded(numpy.dtype(
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
         ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
-        ("tile_bits", _PTR),
+        ("block_map", _PTR), ("map_stride", _I64, (3,)),
         ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
-        ("m_blocks", _I32), ("row_groups", _I32), ("bit_words", _I32),
+        ("m_blocks", _I32), ("row_groups", _I32), ("map_words", _I32),
     ],
     align=True,
 ), 64)
@@ -72,17 +72,26 @@ BWD_PARAMS = numpy.dtype(
 
 TOPK_PARAMS = numpy.dtype(
     [
-        ("bias", _PTR), ("mask", _PTR), ("out", _PTR),
+        ("bias", _PTR), ("mask", _PTR), ("out", _PTR), ("block_map", _PTR),
         ("bias_stride", _I64, (4,)), ("mask_stride", _I64, (4,)),
         ("heads", _I32), ("seqlen_q", _I32), ("seqlen_k", _I32),
-        ("window", _I32), ("block", _I32), ("causal", _I32),
+        ("window", _I32), ("block", _I32), ("causal", _I32), ("map_words", _I32),
+    ],
+    align=True,
+)
+
+BLOCK_MAP_PARAMS = numpy.dtype(
+    [
+        ("mask", _PTR), ("bits", _PTR), ("mask_stride", _I64, (4,)),
+        ("rows", _I32), ("heads", _I32), ("seq_rows", _I32), ("seqlen_k", _I32), ("words", _I32),
+        ("causal_seqlen_q", _I32),
     ],
     align=True,
 )
 
 # C struct name -> dtype, for the layout test.
 STRUCTS = {"AttnParams": ATTN_PARAMS, "FwdParams": FWD_PARAMS, "BwdParams": BWD_PARAMS,
-           "TopkParams": TOPK_PARAMS}
+           "TopkParams": TOPK_PARAMS, "BlockMapParams": BLOCK_MAP_PARAMS}
 
 
 def pointer_slots(dtype: numpy.dtype, *paths: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import math
 
 import numpy
 
+from .._block_map import BlockMap, map_words
 from . import compile as nvrtc
 from . import device
 from .operands import element_strides
@@ -40,18 +41,24 @@ def mask_template_args(dtype) -> tuple[int, bool]:
     return dtype.itemsize, dtype.kind == "f" or dtype.name == "bfloat16"
 
 
-def topk_mask(bias, window: int, causal: bool, block: int | None, mask):
-    """See dmattn_cupy.topk_mask; inputs are validated there."""
+def topk_mask(bias, window: int, causal: bool, block: int | None, mask, with_map: bool = False):
+    """See dmattn_cupy.topk_mask; inputs are validated there. with_map: returns (mask, BlockMap),
+    the map written by the same kernel as the mask."""
     import cupy
 
     _, sm_count = device.current()
     seqlen_k = int(bias.shape[-1])
     out = cupy.empty(bias.shape, dtype=cupy.bool_)
+    words = map_words(seqlen_k)
+    bits = cupy.empty(out.shape[:3] + (words,), dtype=numpy.uint32) if with_map else None
+    result = (out, BlockMap(bits, tuple(out.shape))) if with_map else out
     rows = out.size // seqlen_k
     if rows == 0:
-        return out
+        return result
     rec = new_record(TOPK_PARAMS)
     rec["bias"], rec["out"] = bias.data.ptr, out.data.ptr
+    if with_map:
+        rec["block_map"], rec["map_words"] = bits.data.ptr, words
     rec["bias_stride"] = element_strides(bias)
     if mask is not None:
         rec["mask"], rec["mask_stride"] = mask.data.ptr, element_strides(mask)
@@ -63,5 +70,5 @@ def topk_mask(bias, window: int, causal: bool, block: int | None, mask):
     name = nvrtc.kernel_name("topk_mask_kernel", _BIAS_TYPES[numpy.dtype(bias.dtype).name],
                              *mask_template_args(None if mask is None else mask.dtype))
     kernel = nvrtc.get_kernel("topk.cu", name)
-    nvrtc.launch(kernel, (rows,), threads_per_row(rows, seqlen_k, sm_count), rec)
-    return out
+    nvrtc.launch(kernel, (rows,), threads_per_row(rows, seqlen_k, sm_count), rec, 4 * words if with_map else 0)
+    return result
