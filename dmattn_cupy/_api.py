@@ -48,7 +48,8 @@ def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=
     return_lse = require_bool("return_lse", return_lse)
     validate_block_map(block_map, mask, problem.xp)
     if is_cupy(problem.xp):
-        return _cuda_backend().forward(q, k, v, mask, bias, problem, return_lse, block_map)
+        return _cuda_backend().forward(q, k, v, mask, bias, problem, return_lse,
+                                       block_map=block_map)
     out, lse = _reference.forward(q, k, v, mask, bias, problem)
     return (out, lse) if return_lse else out
 

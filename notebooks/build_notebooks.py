@@ -234,6 +234,66 @@ of an unstructured bias spreads so thinly that no block reaches half, and the ro
 (its output is defined as 0). The benchmark's `gqa8k_topk` mask has this property too.
 '''),
     md('''
+## Block maps: find the skipped tiles once
+
+To skip tiles, the kernel must first learn which tiles are empty. Found from the mask itself, that
+is a pass over every byte of it on **every** call: gqa8k's causal bool mask (B=2, H=16, S=8192) is
+270 MB, about 0.1 ms per call at an H100's read rate. A `dm.BlockMap` keeps the result of that pass:
+one bit per (mask row, 128-key tile), set where the row keeps a key in that tile.
+
+* `dm.block_map(mask)` makes it from any mask; `dm.topk_mask(..., return_block_map=True)` returns
+  `(mask, block_map)`, and on the GPU the top-k kernel writes the map while it writes the mask, so
+  the map costs no extra pass.
+* `bits` is uint32 of shape `mask.shape[:3] + (words,)`, `words = ceil(ceil(Sk/128)/32)`;
+  `.tiles()` unpacks it to bool `(..., rows, key tiles)` and `.density()` is the fraction of
+  (row, tile) pairs set.
+
+OR-ing a map's bits over the rows of a query tile gives the tile picture above, so the kernel never
+reads the mask to decide what to skip (it still reads the mask rows of the tiles it computes).
+'''),
+    code('''m_block, bm = dm.topk_mask(bias, 256, causal=True, block=128, return_block_map=True)
+print("mask", m_block.shape, m_block.dtype, f"{m_block.nbytes:,} bytes")
+print("bits", bm.bits.shape, bm.bits.dtype, f"{bm.bits.nbytes:,} bytes;  mask_shape", bm.mask_shape)
+print(f"density: {bm.density():.3f} of (row, 128-key tile) pairs keep a key")
+print("same as dm.block_map(mask):", bool((bm.tiles() == dm.block_map(m_block).tiles()).all()))
+
+rows_tiles = bm.tiles()[0, 0]                            # (S rows, S/128 key tiles)
+tiles_128 = rows_tiles.reshape(S // 128, 128, -1).any(axis=1)  # OR over each 128-row query tile
+print("OR over rows == tile_map(mask, 128):", bool((tiles_128 == tile_map(m_block[0, 0], 128)).all()))
+
+fig, ax = plt.subplots(1, 2, figsize=(10, 4.4))
+ax[0].imshow(rows_tiles, cmap="Greys", aspect="auto", interpolation="nearest")
+ax[0].set_title("bm.tiles()[0, 0]: one bit per (row, 128-key tile)\\n(black = the row keeps a key there)",
+                fontsize=9)
+ax[0].set_xlabel("key tile"); ax[0].set_ylabel("query row i")
+ax[1].imshow(tiles_128, cmap="Greys", interpolation="nearest")
+ax[1].set_title("OR over 128-row query tiles: the 128x128 tiles a kernel computes", fontsize=9)
+ax[1].set_xlabel("key tile"); ax[1].set_ylabel("query tile")
+fig.tight_layout(); plt.show()'''),
+    md('''
+Pass the map to `dm.forward(..., block_map=bm)` with the mask it describes. Make it once and reuse it
+for every call with that mask (each layer, each step that keeps the mask), as FlexAttention's
+`BlockMask` is made once. On an H100 (bf16, gqa8k: B=2, H=16, Hk=4, S=8192, D=128, causal, bias;
+same process) the forward went from 0.548 to 0.472 ms with the top-k smoothed mask; with block-sparse
+masks of density 1/16 from 0.233 to 0.137 ms, 1/8 from 0.300 to 0.200 ms, and at density 1 from
+1.33 to 1.24 ms.
+
+The map must describe the mask passed with it: `forward` checks the shapes, not the bits, and a stale
+map (a mask changed after its map was made) gives undefined results on the GPU. On the NumPy path the
+map is validated and the reference computes the exact function regardless, so the output is the
+same with or without it:
+'''),
+    code('''q = rng.standard_normal((1, S, 2, 32)).astype(np.float32)      # (B, Sq, H, D)
+kv = rng.standard_normal((2, 1, S, 1, 32)).astype(np.float32)  # k, v: (B, Sk, Hk, D)
+out_map = dm.forward(q, kv[0], kv[1], m_block, bias, causal=True, block_map=bm)
+out = dm.forward(q, kv[0], kv[1], m_block, bias, causal=True)
+print("same output with and without the map:", np.array_equal(out_map, out))
+
+try:  # a map made for another mask shape is refused
+    dm.forward(q[:, :512], kv[0], kv[1], m_block[:, :, :512], bias[:, :, :512], causal=True, block_map=bm)
+except ValueError as exc:
+    print("ValueError:", exc)'''),
+    md('''
 ## A bias with structure: Doge-style dynamic bias from the values
 
 In Doge's dynamic mask attention the bias is a function of the **values**: one learned score per key
