@@ -26,6 +26,8 @@ from types import ModuleType
 
 import numpy
 
+from ._arrays import array_module
+
 MAP_KEYS = 128  # keys per bit: the wide Hopper forward's key tile (kernels_cu/block_map.cuh kMapKeys)
 
 
@@ -60,7 +62,7 @@ class BlockMap:
 
     def tiles(self):
         """The map as bool, shape mask.shape[:3] + (key tiles,): True where the row keeps a key."""
-        xp = _module(self.bits)
+        xp = array_module(bits=self.bits)
         shifts = xp.arange(32, dtype=numpy.uint32)
         unpacked = (self.bits[..., None] >> shifts) & numpy.uint32(1)
         return unpacked.reshape(self.bits.shape[:-1] + (-1,))[..., :self.key_tiles] != 0
@@ -68,14 +70,6 @@ class BlockMap:
     def density(self) -> float:
         """Fraction of (row, key tile) pairs holding a kept key."""
         return float(self.tiles().mean())
-
-
-def _module(array) -> ModuleType:
-    if isinstance(array, numpy.ndarray):
-        return numpy
-    import cupy
-
-    return cupy
 
 
 def reference_bits(mask, xp: ModuleType):

@@ -21,6 +21,7 @@ from types import ModuleType
 import numpy
 
 from ._arrays import array_module, is_cupy
+from ._block_map import BlockMap, map_words
 
 # Limits of the CUDA kernels (tile traits exist for these head dims only).
 GPU_MAX_HEAD_DIM = 256
@@ -297,8 +298,6 @@ def validate_block_map(block_map, mask, xp: ModuleType) -> None:
     """forward's block_map: a BlockMap made from a mask of this mask's shape, on its device."""
     if block_map is None:
         return
-    from ._block_map import BlockMap, map_words
-
     if not isinstance(block_map, BlockMap):
         raise TypeError("block_map must be a dmattn_cupy.BlockMap (from block_map(mask) or "
                         "topk_mask(..., return_block_map=True)) or None; "

@@ -58,7 +58,7 @@ struct FwdParams {
                            // decode kernel: batches of live keys)
   u32* arrivals;           // zero between calls. Decode kernel: splits finished per (batch, kv head);
                            // fwd_ws_kernel: {next work item, CTAs finished}
-  const u32* block_map;     // fwd_ws_kernel with a mask: the mask's block map (block_map.cu: a bit per
+  const u32* block_map;    // fwd_ws_kernel with a mask: the mask's block map (block_map.cu: a bit per
                            // mask row and 128-key tile), given by the caller or written by the call
   i64 map_stride[3];       // words per batch, mask head, row of block_map; 0 where the map has one
   int num_splits;          // key-range splits (blockIdx.z; the decode kernel: blockIdx.x)

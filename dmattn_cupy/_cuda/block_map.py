@@ -61,6 +61,6 @@ def block_map(mask) -> BlockMap:
     shape = tuple(int(n) for n in mask.shape)
     operand = aux_operand(mask, heads=shape[1], kv_heads=shape[1], seqlen_k=shape[3], is_mask=True)
     launch = map_pass(operand, shape[:3], shape[3])
-    bits = cupy.empty(shape[:3] + (map_words(shape[3]),), dtype=numpy.uint32)
+    bits = cupy.empty(launch.map_elems, dtype=numpy.uint32).reshape(shape[:3] + (-1,))
     launch.launch(operand.ptr, bits.data.ptr, cupy.cuda.get_current_stream().ptr)
     return BlockMap(bits, shape)
