@@ -96,8 +96,9 @@ def topk_mask(bias, window, *, causal=False, block=None, mask=None, return_block
 
 
 def block_map(mask) -> BlockMap:
-    """The BlockMap of `mask` (B|1, H|Hk|1, Sq|1, Sk), bool or numeric, nonzero = keep: one bit
-    per mask row and 128-key tile, set where the row keeps a key of the tile.
+    """The BlockMap of `mask` (B|1, H|Hk|1, Sq|1, Sk), bool or numeric, nonzero = keep: two bits
+    per mask row and 128-key tile, set where the row keeps a key of the tile and where it keeps
+    every key of it (``.tiles()``, ``.full_tiles()``).
 
     Make it once per mask and pass it to every forward call with that mask (block_map=...): the
     CUDA path then finds the tiles to skip from the map instead of reading the whole mask first

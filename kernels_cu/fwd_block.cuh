@@ -122,14 +122,16 @@ struct FwdBlock {
   template <typename Tiles>
   __device__ __forceinline__ void load_v(u16* sV, int t) const { load_keys<Tiles>(sV, v, a.v_stride[1], t); }
   // The (seq_rows x BLOCK_N) mask and bias tiles of key tile t, copied by COPIERS threads numbered
-  // tid (the whole CTA by default).
+  // tid (the whole CTA by default); the mask's only if with_mask (fwd_ws: a tile the block map
+  // describes whole needs no mask rows).
   template <int COPIERS = kThreads>
   __device__ __forceinline__ void load_aux(unsigned char* sMask, unsigned char* sBias, int t,
-                                           int tid = threadIdx.x) const {
+                                           int tid = threadIdx.x, bool with_mask = true) const {
     const int n0 = t * BLOCK_N;
     if constexpr (MASK_BYTES > 0)
-      load_aux_tile<MASK_BYTES, BLOCK_N, COPIERS>(sMask, mask, a.mask_stride, m0, seq_rows, n0, a.seqlen_q,
-                                                  a.seqlen_k, a.mask_vec, tid);
+      if (with_mask)
+        load_aux_tile<MASK_BYTES, BLOCK_N, COPIERS>(sMask, mask, a.mask_stride, m0, seq_rows, n0, a.seqlen_q,
+                                                    a.seqlen_k, a.mask_vec, tid);
     if constexpr (BIAS_BYTES > 0)
       load_aux_tile<BIAS_BYTES, BLOCK_N, COPIERS>(sBias, bias, a.bias_stride, m0, seq_rows, n0, a.seqlen_q,
                                                   a.seqlen_k, a.bias_vec, tid);
@@ -168,16 +170,19 @@ struct FwdBlock {
 
   // ---- scores of key tile t, in place, in score units: mods(S), hidden positions -inf. s holds MA
   // 16-row atoms in the mma C layout; aux_row[at] is the mask/bias row of this lane's row g of atom
-  // at (g + 8: one row further); full: mask_rows_full. Only the last key tile and the tiles the
-  // causal diagonal crosses need bounds checks; the other tiles take a copy without them, and
-  // without the mask test when the warp's mask rows are all "keep" (no index math or selects per
-  // score: the common tile is the softmax's critical path).
+  // at (g + 8: one row further); full: the mask needs no test per score (mask_rows_full, or fwd_ws's
+  // block map). Only the last key tile and the tiles the causal diagonal crosses need bounds checks;
+  // the other tiles take a copy without them, and without the mask test when full (no index math or
+  // selects per score: the common tile is the softmax's critical path).
   template <int MA, int NA>
   __device__ __forceinline__ void score_mods(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                              const unsigned char* sBiasT, const int (&aux_row)[MA], int t,
                                              int tq, bool full) const {
     const int n0 = t * BLOCK_N;
-    if (n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q))
+    const bool edge = n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q);
+    if (edge && full)
+      score_mods_tile<true, false>(s, sMaskT, sBiasT, aux_row, n0, tq);
+    else if (edge)
       score_mods_tile<true, true>(s, sMaskT, sBiasT, aux_row, n0, tq);
     else if (!full)
       score_mods_tile<false, true>(s, sMaskT, sBiasT, aux_row, n0, tq);

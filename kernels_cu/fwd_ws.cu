@@ -3,9 +3,11 @@
 // ownership, block skipping, score transform and epilogue as fwd_kernel, fwd_block.cuh) from a
 // counter until none is left. A producer warpgroup makes every copy; two consumer warpgroups of 64
 // rows each only compute, on 128-key tiles. With a mask, an item's active key tiles come from the
-// mask's block map (block_map.cu: one bit per mask row and key tile, in global memory), which the
-// caller made once (block_map, topk_mask) or the call writes first with block_map_kernel over the
-// whole GPU. (Scanning the mask inside this kernel was latency-bound every way it was tried: on
+// mask's block map (block_map.cuh: per mask row and key tile, a kept key, every key kept; in global
+// memory), which the caller made once (block_map, topk_mask) or the call writes first with
+// block_map_kernel over the whole GPU. The map also spares the tiles that no row of the item keeps
+// in part their mask rows and per-score tests: each row's bit says all (H100, gqa8k_topk with its
+// map: 0.45-0.48 -> 0.41-0.43 ms; NOTES.md 51). (Scanning the mask inside this kernel was latency-bound every way it was tried: on
 // the scheduler's 64 threads, one CTA per multiprocessor, it streams ~5-20 GB/s against the
 // pre-pass's 2.7 TB/s, and per query head rather than per mask head: benchmarks/NOTES.md 46-49.)
 //
@@ -18,26 +20,27 @@
 //   warpgroup 0, producer (kProducerRegs registers per thread)
 //     warp 0, lane 0   per item: Q by TMA (once both consumers' last S of the previous item is
 //                      done); per active key tile: K, then V, by TMA into their rings
-//     warp 1           per active key tile: the tile's mask and bias rows by cp.async, into the aux
-//                      ring
-//     warps 2-3        the scheduler: fetches the next item; with a mask, ORs its rows of the
-//                      block map into its split's bits; hands the item with its bits to the item
+//     warp 1           per active key tile: its bias rows, and its mask rows if a row keeps the
+//                      tile in part, by cp.async, into the aux ring
+//     warps 2-3        the scheduler: fetches the next item; with a mask, gathers its rows of the
+//                      block map into its bits (ItemBits); hands the item with its bits to the item
 //                      ring, or writes it if no tile is active
 // Mask and bias rows are short (128 or 256 bytes per row and tile): as bulk copies, one per row,
 // the copy engine's per-instruction cost capped the CTA (H100, gqa8k sweep at density 1/16: 0.54
 // ms against 0.28 for the narrow kernel); cp.async spreads them over the lanes, each lane's copies
 // counted on the slot's barrier by one arrival (mbar_arrive_cp_async).
 //   warpgroups 1, 2, consumers (kConsumerRegs): 64 query rows each. Per visit i (active tile t_i):
-//                      issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}; while they run, test the mask
-//                      rows; wait for S_i, transform it, P_i = softmax numerators; wait for the
-//                      P V, rescale O (fwd_wgmma.cu explains the overlap). Then O / l from
-//                      registers to global memory.
+//                      issue S_i = Q K_i^T and O += P_{i-1} V_{i-1}; while they run, read the tile's
+//                      bits; wait for S_i, transform it (the mask's test per score only on tiles
+//                      kept in part), P_i = softmax numerators (rows that keep no key of the tile
+//                      drop it there); wait for the P V, rescale O (fwd_wgmma.cu explains the
+//                      overlap). Then O / l from registers to global memory.
 // The two consumers take turns to issue their products (kTurnBar: ping-pong), so that one's
 // softmax runs while the other's products use the tensor cores.
 //
 // Rings (pipeline.cuh). "full": the producer's arrivals and bytes; "empty": one arrival per
 // consumer warp, lane 0 after the warp is done with the slot:
-//   item[kItemSlots]   index + tile bits    full: scheduler        empty: 8 consumer warps, warps 0-1
+//   item[kItemSlots]   index + ItemBits     full: scheduler        empty: 8 consumer warps, warps 0-1
 //   q[1]               the Q tile           full: TMA              empty: 8 consumer warps (last S)
 //   k[KS], v[VS]       K, V tiles           full: TMA              empty: 8 (S_i done / P V_i done)
 //   aux[KS]            mask | bias rows     full: 32 lanes' copies empty: 8 (score transform done)
@@ -53,15 +56,28 @@
 
 namespace dmattn {
 
-// The items the scheduler hands on: fill n of the ring holds an item index (-1: no more) and one bit
-// per key tile of its split (set: the tile has a kept key).
+// An item's bits in its queue slot: `bit_words` words each, bit j for key tile t_begin + j of its split.
+//   active    a row of the item keeps a key of the tile: the tiles visited (every tile without a mask)
+//   partial   a row keeps some but not all keys of the tile: its mask rows are copied and tested
+//   row(r)    row r's `any` bits (block_map.cuh), r < ws_map_rows: what the other tiles' rows keep
+// Without a mask only `active` has words (and nothing reads them).
+struct ItemBits {
+  u32* words;
+  int bit_words;
+  __device__ __forceinline__ u32* active() const { return words; }
+  __device__ __forceinline__ u32* partial() const { return words + bit_words; }
+  __device__ __forceinline__ const u32* row(int r) const { return words + (2 + r) * bit_words; }
+  static __device__ __forceinline__ bool test(const u32* bits, int j) { return (bits[j >> 5] >> (j & 31)) & 1u; }
+};
+
+// The items the scheduler hands on: fill n of the ring holds an item index (-1: no more) and its bits.
 template <int R>
 struct ItemQueue {
   Ring<R> ring;
-  int* index;  // R
-  u32* bits;   // R x bit_words
-  int bit_words;
-  __device__ __forceinline__ u32* bits_of(u32 n) const { return bits + (n % R) * bit_words; }
+  int* index;       // R
+  u32* bits;        // R x slot_words
+  int bit_words, slot_words;
+  __device__ __forceinline__ ItemBits bits_of(u32 n) const { return {bits + (n % R) * slot_words, bit_words}; }
   // Calls body(item, bits) for every item in order; then the warp (the lanes in `lanes`) releases it.
   template <typename Body>
   __device__ __forceinline__ void walk(u32 lanes, int lane, Body&& body) const {
@@ -98,12 +114,15 @@ struct WsFwdTraits {
   static constexpr int kBarriers = 2 * kQStages + 4 * kKStages + 2 * kVStages + 2 * kItemSlots;
 };
 
-// The words of the block map (block_map.cu) holding query tile blk's rows: rows `stride` words apart.
+// The rows of the block map (block_map.cuh) that query tile blk reads: one when the mask broadcasts over
+// rows, else its rows inside the problem (map_stride[2] words apart from ws_map_row0).
 template <typename Block>
-__device__ __forceinline__ const u32* ws_map_rows(const FwdParams& p, const Block& blk, int& rows, i64& stride) {
-  stride = p.map_stride[2];
-  rows = stride == 0 ? 1 : min(blk.seq_rows, p.a.seqlen_q - blk.m0);
-  return p.block_map + blk.b * p.map_stride[0] + blk.h0 / p.a.mask_head_div * p.map_stride[1] + blk.m0 * stride;
+__device__ __forceinline__ int ws_map_rows(const FwdParams& p, const Block& blk) {
+  return p.map_stride[2] == 0 ? 1 : min(blk.seq_rows, p.a.seqlen_q - blk.m0);
+}
+template <typename Block>
+__device__ __forceinline__ const u32* ws_map_row0(const FwdParams& p, const Block& blk) {
+  return p.block_map + blk.b * p.map_stride[0] + blk.h0 / p.a.mask_head_div * p.map_stride[1] + blk.m0 * p.map_stride[2];
 }
 
 template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
@@ -123,6 +142,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
   const int seq_rows = BM / a.pack;
   const int aux_bytes = seq_rows * (Block::kMaskRow + Block::kBiasRow);
   const int bit_words = (p.tiles_per_split + 31) / 32;
+  const int slot_words = MASK_BYTES > 0 ? (2 + seq_rows) * bit_words : bit_words;  // ItemBits
   unsigned char* sKBase = smem + QS * Tiles::tile_bytes(BM);
   unsigned char* sVBase = sKBase + KS * kTile;
   unsigned char* sAuxBase = sVBase + VS * kTile;
@@ -136,7 +156,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
   const Ring<R> item_ring{bar1 + 8 * (4 * KS + 2 * VS), bar1 + 8 * (4 * KS + 2 * VS + R)};
   int* sItem = reinterpret_cast<int*>(bars + Tr::kBarriers);
   int* sNext = sItem + R;
-  const ItemQueue<R> items_q{item_ring, sItem, reinterpret_cast<u32*>(sNext + 2), bit_words};
+  const ItemQueue<R> items_q{item_ring, sItem, reinterpret_cast<u32*>(sNext + 2), bit_words, slot_words};
   // Slots by item (Q) and by visit (K, V, aux).
   auto sQ = [&](u32 n) { return reinterpret_cast<u16*>(smem + (n % QS) * Tiles::tile_bytes(BM)); };
   auto sK = [&](u32 i) { return reinterpret_cast<u16*>(sKBase + (i % KS) * kTile); };
@@ -161,7 +181,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
       // ---- Q, K, V by TMA (one thread)
       if (lane != 0) return;
       u32 visit = 0, q_fill = 0;
-      items_q.walk(1u, lane, [&](int item, const u32* bits) {
+      items_q.walk(1u, lane, [&](int item, const ItemBits& bits) {
         const Block blk(p, work_tile<CAUSAL>(p, item));
         q_ring.acquire(q_fill);
         const u32 q_full = q_ring.full_bar(q_fill++);
@@ -177,7 +197,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
 #pragma unroll
           for (int c = 0; c < HEAD_DIM / 64; ++c) tma_load_4d(dst + c * BN * 64, map, bar, c * 64, kv_head, t * BN, blk.b);
         };
-        for_each_tile(blk, bits, [&](int t) {
+        for_each_tile(blk, bits.active(), [&](int t) {
           k_ring.acquire(visit);
           tile(sK(visit), p.k_map, k_ring.full_bar(visit), t);
           v_ring.acquire(visit);
@@ -186,14 +206,15 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
         });
       });
     } else if (warp == 1) {
-      // ---- mask and bias rows of each active tile: lane r copies rows r, r + 32, ...
+      // ---- bias rows of each active tile, mask rows of the partial ones: lane r copies rows r, r + 32, ...
       if constexpr (kHasAux) {
         u32 visit = 0;
-        items_q.walk(~0u, lane, [&](int item, const u32* bits) {
+        items_q.walk(~0u, lane, [&](int item, const ItemBits& bits) {
           const Block blk(p, work_tile<CAUSAL>(p, item));
-          for_each_tile(blk, bits, [&](int t) {
+          for_each_tile(blk, bits.active(), [&](int t) {
             aux_ring.acquire(visit);
-            blk.template load_aux<32>(sMask(visit), sBias(visit), t, lane);
+            blk.template load_aux<32>(sMask(visit), sBias(visit), t, lane,
+                                      MASK_BYTES > 0 && ItemBits::test(bits.partial(), t - blk.t_begin));
             mbar_arrive_cp_async(aux_ring.full_bar(visit));
             ++visit;
           });
@@ -214,37 +235,42 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
         bool active = tiles > 0;
         if (MASK_BYTES > 0 || active) item_ring.acquire(published);  // its bits slot is free
         if constexpr (MASK_BYTES > 0) {
-          // The split's bits: the OR of the tile's rows of the block map, from bit t_begin on.
-          // (row, word) pairs over the 64 threads, four loads in flight each before their ORs.
-          int rows;
-          i64 row_stride;
-          const u32* map = ws_map_rows(p, blk, rows, row_stride);
-          u32* bits = items_q.bits_of(published);
-          for (int w = st; w < bit_words; w += 64) bits[w] = 0u;
+          // The split's bits (ItemBits) from the block map's rows: each row's `any` words (the
+          // split's from bit t_begin on), active = their OR, partial = the OR of any & ~full.
+          // (row, word) pairs u over the 64 threads, two in flight each (eight loads) before their ORs.
+          const int rows = ws_map_rows(p, blk);
+          const u32* map = ws_map_row0(p, blk);
+          const ItemBits ib = items_q.bits_of(published);
+          for (int w = st; w < 2 * bit_words; w += 64) ib.words[w] = 0u;
           named_barrier_sync(Tr::kSchedBar, 64);
           const int pairs = rows * bit_words;
-          for (int u0 = st; u0 < pairs; u0 += 4 * 64) {
-            u32 word[4];
-            int w[4];
+          for (int u0 = st; u0 < pairs; u0 += 2 * 64) {
+            MapWord word[2];
+            int w[2];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < 2; ++j) {
               const int u = u0 + 64 * j, r = u / bit_words;
               w[j] = u - r * bit_words;
               const int t = blk.t_begin + 32 * w[j], left = tiles - 32 * w[j];  // t < t_end: inside the row
-              word[j] = 0u;
+              word[j] = MapWord{0u, 0u};
               if (u < pairs && left > 0) {
-                const u32* row = map + r * row_stride;
-                const u32 lo = row[t >> 5], hi = (t & 31) && (t >> 5) + 1 < p.map_words ? row[(t >> 5) + 1] : 0u;
-                word[j] = __funnelshift_r(lo, hi, t & 31) & (left >= 32 ? ~0u : (1u << left) - 1);
+                const u32* row = map + r * p.map_stride[2];
+                const u32 keep = left >= 32 ? ~0u : (1u << left) - 1;
+                word[j] = MapWord{map_span(row, t, p.map_words) & keep, map_span(row + p.map_words, t, p.map_words) & keep};
               }
             }
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-              if (word[j]) atomicOr(&bits[w[j]], word[j]);
+            for (int j = 0; j < 2; ++j) {
+              const int u = u0 + 64 * j;
+              if (u >= pairs) break;
+              ib.words[2 * bit_words + u] = word[j].any;  // row u / bit_words, word w[j]
+              if (word[j].any) atomicOr(&ib.active()[w[j]], word[j].any);
+              if (word[j].any & ~word[j].full) atomicOr(&ib.partial()[w[j]], word[j].any & ~word[j].full);
+            }
           }
           named_barrier_sync(Tr::kSchedBar, 64);
           u32 any = 0u;
-          for (int w = 0; w < bit_words; ++w) any |= bits[w];
+          for (int w = 0; w < bit_words; ++w) any |= ib.active()[w];
           active = any != 0u;
         }
         if (active) {
@@ -286,9 +312,23 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
 
   u32 visit = 0, q_use = 0;
   u64 visits_total = 0;
-  items_q.walk(~0u, lane, [&](int item, const u32* bits) {
+  items_q.walk(~0u, lane, [&](int item, const ItemBits& bits) {
     const Block blk(p, work_tile<CAUSAL>(p, item));
     const int aux_row[1] = {warp_row0 % seq_rows + g};
+    // Key tile t's mask as the map tells it: `masked`, some row of the item keeps part of the tile
+    // (its scores are tested one by one against the copied mask rows); the result's bit h, row
+    // g + 8 h keeps a key there (the softmax drops the row's tile otherwise). A row past the map's
+    // rows reads the last one (a broadcast mask's only row; past the problem: never stored).
+    const int map_rows = MASK_BYTES > 0 ? ws_map_rows(p, blk) : 1;
+    const int row_lo = min(aux_row[0], map_rows - 1), row_hi = min(aux_row[0] + 8, map_rows - 1);
+    auto tile_mask = [&](int t, bool& masked) -> u32 {
+      masked = false;
+      if constexpr (MASK_BYTES == 0) return 3u;
+      const int j = t - blk.t_begin;
+      masked = ItemBits::test(bits.partial(), j);
+      return static_cast<u32>(ItemBits::test(bits.row(row_lo), j)) |
+             static_cast<u32>(ItemBits::test(bits.row(row_hi), j)) << 1;
+    };
     WgmmaAccum<NA, DA> acc(blk.score_unit());
     float s[1][NA][4];
     float (&s_regs)[NA * 4] = reinterpret_cast<float (&)[NA * 4]>(s[0]);
@@ -298,23 +338,24 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
     q_ring.wait(q_use);
     const u16* sQw = Tiles::q_rows(sQ(q_use), wg);
     // Visit 0: S_0 = Q K_0^T, P_0 (O is zero, so alpha is moot).
-    int t = blk.next_tile(bits, blk.t_begin);
+    int t = blk.next_tile(bits.active(), blk.t_begin);
     k_ring.wait(visit);
     turn_wait();
     wgmma_fence();
     Tiles::qk_issue(s, sQw, sK(visit));
     turn_pass();
     if constexpr (kHasAux) aux_ring.wait(visit);
-    const bool full0 = blk.mask_rows_full(sMask(visit), aux_row, lane);
+    bool masked0;
+    const u32 keep0 = tile_mask(t, masked0);
     wgmma_wait<0>();
     fence_registers(s_regs);
     k_ring.release_by_warp(visit, lane);
-    blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, full0);
+    blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked0);
     if constexpr (kHasAux) aux_ring.release_by_warp(visit, lane);
-    acc.softmax.update(s, alpha);
+    acc.softmax.update(s, alpha, keep0);
     Tiles::pack(acc.p_prev, s);
     u32 prev = visit++;
-    for (t = blk.next_tile(bits, t + 1); t < blk.t_end; t = blk.next_tile(bits, t + 1)) {
+    for (t = blk.next_tile(bits.active(), t + 1); t < blk.t_end; t = blk.next_tile(bits.active(), t + 1)) {
       k_ring.wait(visit);
       v_ring.wait(prev);
       turn_wait();
@@ -323,13 +364,14 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
       Tiles::pv_issue(acc.o, acc.p_prev, sV(prev));                         // O += P_{i-1} V_{i-1}
       turn_pass();
       if constexpr (kHasAux) aux_ring.wait(visit);
-      const bool full = blk.mask_rows_full(sMask(visit), aux_row, lane);    // while S_i runs
+      bool masked;
+      const u32 keep = tile_mask(t, masked);                                // while S_i runs
       wgmma_wait<1>();
       fence_registers(s_regs);
       k_ring.release_by_warp(visit, lane);
-      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, full);  // mods(S_i)
+      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked);  // mods(S_i)
       if constexpr (kHasAux) aux_ring.release_by_warp(visit, lane);
-      const bool moved = acc.softmax.update(s, alpha);                      // P_i = 2^(unit (s - m))
+      const bool moved = acc.softmax.update(s, alpha, keep);                // P_i = 2^(unit (s - m))
       wgmma_wait<0>();
       fence_registers(acc.o_regs());
       fence_registers(acc.p_regs());

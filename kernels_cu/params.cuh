@@ -58,8 +58,8 @@ struct FwdParams {
                            // decode kernel: batches of live keys)
   u32* arrivals;           // zero between calls. Decode kernel: splits finished per (batch, kv head);
                            // fwd_ws_kernel: {next work item, CTAs finished}
-  const u32* block_map;    // fwd_ws_kernel with a mask: the mask's block map (block_map.cu: a bit per
-                           // mask row and 128-key tile), given by the caller or written by the call
+  const u32* block_map;    // fwd_ws_kernel with a mask: the mask's block map (block_map.cuh: two bits
+                           // per mask row and 128-key tile), given by the caller or written by the call
   i64 map_stride[3];       // words per batch, mask head, row of block_map; 0 where the map has one
   int num_splits;          // key-range splits (blockIdx.z; the decode kernel: blockIdx.x)
   int tiles_per_split;     // key tiles per split
@@ -67,7 +67,7 @@ struct FwdParams {
   int keys_per_split;      // decode kernel: keys per split
   int m_blocks;            // fwd_ws_kernel: query tiles per row group
   int row_groups;          // fwd_ws_kernel: (batch, pack of heads) groups, B * H / pack
-  int map_words;           // fwd_ws_kernel: words per row of block_map, ceil(key tiles / 32)
+  int map_words;           // fwd_ws_kernel: words per row and plane of block_map, ceil(key tiles / 32)
 };
 
 struct BwdParams {
@@ -106,21 +106,21 @@ struct TopkParams {
   const void* bias;        // (B, H, Sq, Sk), float16/bfloat16/float32/float64
   const void* mask;        // broadcastable to bias (dims full or 1), or null
   unsigned char* out;      // (B, H, Sq, Sk) bool, contiguous
-  u32* block_map;          // or null: the result's block map (block_map.cu), (B, H, Sq, map_words)
+  u32* block_map;          // or null: the result's block map (block_map.cuh), (B, H, Sq, 2, map_words)
   i64 bias_stride[4];      // batch, head, row, key
   i64 mask_stride[4];      // 0 along broadcast dims
   int heads, seqlen_q, seqlen_k;
   int window;              // keys kept per row, 1..Sk
   int block;               // smoothing block in keys (<= Sk), 0: no smoothing
   int causal;              // 1: query i sees key j iff j <= i + Sk - Sq
-  int map_words;           // words per row of block_map
+  int map_words;           // words per row and plane of block_map
 };
 
-// block_map_kernel (block_map.cu): one bit per (row, 128-key tile) of a mask, rows (b, h, i) of its
-// (batch, heads, seq_rows) dims in C order.
+// block_map_kernel (block_map.cu): two bits per (row, 128-key tile) of a mask (block_map.cuh), rows
+// (b, h, i) of its (batch, heads, seq_rows) dims in C order.
 struct BlockMapParams {
   const void* mask;
-  u32* bits;               // (rows, words)
+  u32* bits;               // (rows, kMapPlanes, words)
   i64 mask_stride[4];      // batch, head, row, key (elements; 0 along broadcast dims)
   int rows;                // batch x heads x seq_rows
   int heads, seq_rows;     // the map's head and row dims (1: the mask broadcasts there)

@@ -32,12 +32,15 @@ struct OnlineSoftmax {
       for (int h = 0; h < 2; ++h) { row_max[a][h] = neg_inf(); row_sum[a][h] = 0.f; }
   }
 
-  // Turns s into p in place and sets alpha, the factor that rescales what O summed so far.
+  // Turns s into p in place and sets alpha, the factor that rescales what O summed so far. A row
+  // whose bit 2 a + h of `keep` is clear keeps no key of the tile (a block map said so, and its
+  // scores were not masked one by one): its maximum stays and its p are 0, by the exponent's
+  // offset (+inf) rather than a select per score.
   // Returns false when no row of the warp moved its maximum (after the first few key tiles the
   // common case): then the rescale (MA*DA*4 multiplies, as many as the tile's mma count) is
   // skipped by the whole warp. It is a separate step so that the Hopper loop can rescale O only
   // once the previous tile's P V, still accumulating into O, has completed.
-  __device__ __forceinline__ bool update(float (&s)[MA][NA][4], float (&alpha)[MA][2]) {
+  __device__ __forceinline__ bool update(float (&s)[MA][NA][4], float (&alpha)[MA][2], u32 keep = ~0u) {
     bool moved = false;
 #pragma unroll
     for (int a = 0; a < MA; ++a) {
@@ -47,7 +50,10 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int nt = 0; nt < NA; ++nt) mx = fmaxf(mx, fmaxf(s[a][nt][2 * h], s[a][nt][2 * h + 1]));
         mx = quad_max(mx);
+        const bool kept = (keep >> (2 * a + h)) & 1u;
+        if (!kept) mx = row_max[a][h];
         const float m_scaled = mx == neg_inf() ? 0.f : mx * unit;
+        const float m_exp = kept ? m_scaled : -neg_inf();  // +inf: every p_j = 2^-inf = 0
         alpha[a][h] = fast_exp2(row_max[a][h] * unit - m_scaled);
         moved |= mx != row_max[a][h];
         row_max[a][h] = mx;
@@ -56,7 +62,7 @@ struct OnlineSoftmax {
         for (int nt = 0; nt < NA; ++nt)
 #pragma unroll
           for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            s[a][nt][e] = fast_exp2(fmaf(s[a][nt][e], unit, -m_scaled));
+            s[a][nt][e] = fast_exp2(fmaf(s[a][nt][e], unit, -m_exp));
             sum += s[a][nt][e];
           }
         row_sum[a][h] = row_sum[a][h] * alpha[a][h] + sum;

@@ -140,6 +140,31 @@ __device__ __forceinline__ u32 chunk_zero_bytes(uint4 c) {
   return zero;
 }
 
+// True when the first n elements of a 16-byte chunk of mask elements all keep (n >= 16 / BYTES: the
+// whole chunk; the last chunk a row reads may be cut short). Bytes: the borrow trick above on the
+// counted bytes only (a borrow flags a byte only above a truly zero one, which then counts too).
+template <int BYTES> __device__ __forceinline__ bool chunk_all_keep(uint4 c, int n) {
+  const u32 w[4] = {c.x, c.y, c.z, c.w};
+  if constexpr (BYTES == 1) {
+    u32 zero = 0u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int bytes = n - 4 * i;  // of word i
+      const u32 counted = bytes >= 4 ? 0x80808080u : bytes <= 0 ? 0u : 0x80808080u & ((1u << (8 * bytes)) - 1u);
+      zero |= (w[i] - 0x01010101u) & ~w[i] & counted;
+    }
+    return zero == 0u;
+  } else {
+    constexpr int kPerWord = 4 / BYTES;
+    constexpr u32 kKeepBits = BYTES == 2 ? 0x7fffu : 0x7fffffffu;
+    bool all = true;
+#pragma unroll
+    for (int i = 0; i < 16 / BYTES; ++i)
+      all &= i >= n || ((w[i / kPerWord] >> (8 * BYTES * (i % kPerWord))) & kKeepBits) != 0u;
+    return all;
+  }
+}
+
 // n / d and n % d for 0 <= n < 2^31 by a divisor d >= 1 known only at run time, without the
 // ~20-instruction integer division (per-item and per-step index math in the scans and loops): the
 // quotient is umulhi(n, mul) >> shift with mul = ceil(2^(31 + l) / d), l = ceil(log2 d)

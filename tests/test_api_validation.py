@@ -248,11 +248,11 @@ def test_forward_block_map_needs_its_mask():
                   r"\(2, 1, 5, 7\)", mask=_mask((B, 1, SQ, SK)), block_map=block_map)
 
 
-@pytest.mark.parametrize("bits", [np.zeros((2, 2, 5, 1), dtype=np.int32), np.zeros((2, 2, 5, 2), dtype=np.uint32),
-                                  np.zeros((2, 2, 5, 2), dtype=np.uint32)[..., :1]])
+@pytest.mark.parametrize("bits", [np.zeros((2, 2, 5, 2, 1), dtype=np.int32), np.zeros((2, 2, 5, 1), dtype=np.uint32),
+                                  np.zeros((2, 2, 5, 2, 2), dtype=np.uint32)[..., :1]])
 def test_forward_block_map_bits(bits):
     block_map = dmattn_cupy.BlockMap(bits, (B, HK, SQ, SK))
-    forward_error(ValueError, r"^block_map.bits must be a C-contiguous uint32 array of shape \(2, 2, 5, 1\)",
+    forward_error(ValueError, r"^block_map.bits must be a C-contiguous uint32 array of shape \(2, 2, 5, 2, 1\)",
                   mask=_mask(), block_map=block_map)
 
 

@@ -8,13 +8,18 @@ from dmattn_cupy._block_map import MAP_KEYS, map_strides, map_words
 
 
 def _bits_by_loops(mask):
-    """The map's definition, one row and tile at a time."""
+    """The map's definition, one row and tile at a time: plane 0, the tile has a kept key; plane 1,
+    every key of it (the last tile: every key below Sk) is kept."""
     *lead, seqlen_k = mask.shape
-    out = np.zeros((*lead, map_words(seqlen_k)), dtype=np.uint32)
+    out = np.zeros((*lead, 2, map_words(seqlen_k)), dtype=np.uint32)
     for index in np.ndindex(*lead):
         for t in range(-(-seqlen_k // MAP_KEYS)):
-            if (mask[index][t * MAP_KEYS:(t + 1) * MAP_KEYS] != 0).any():
-                out[index + (t // 32,)] |= np.uint32(1 << (t % 32))
+            keep = mask[index][t * MAP_KEYS:(t + 1) * MAP_KEYS] != 0
+            bit = np.uint32(1 << (t % 32))
+            if keep.any():
+                out[index + (0, t // 32)] |= bit
+            if keep.all():
+                out[index + (1, t // 32)] |= bit
     return out
 
 
@@ -23,6 +28,8 @@ def _bits_by_loops(mask):
 def test_reference_bits(shape, dtype):
     mask = (np.random.default_rng(0).random(shape) < 0.003).astype(dtype)
     mask.flat[-1] = 1  # the last, possibly partial tile
+    mask[..., 0, (shape[-1] - 1) // MAP_KEYS * MAP_KEYS:] = 1  # full tiles: row 0's last (maybe short) one,
+    mask[..., -1, :MAP_KEYS] = 1                              # the last row's first
     block_map = dmattn_cupy.block_map(mask)
     assert block_map.mask_shape == shape
     assert block_map.bits.dtype == np.uint32
@@ -34,15 +41,17 @@ def test_float_mask_zero_and_nan():
     mask[0, 0, 0, 3] = -0.0
     mask[0, 0, 1, 200] = np.nan
     mask[0, 0, 2, 0] = 0.5
-    assert dmattn_cupy.block_map(mask).bits[0, 0, :, 0].tolist() == [0, 2, 1]
+    assert dmattn_cupy.block_map(mask).bits[0, 0, :, 0, 0].tolist() == [0, 2, 1]
 
 
 def test_tiles_and_density():
     mask = np.zeros((1, 1, 2, 300), dtype=bool)
     mask[0, 0, 0, 129] = True
+    mask[0, 0, 1, 256:] = True  # the last tile's 44 keys: all of it
     block_map = dmattn_cupy.block_map(mask)
-    assert block_map.tiles().tolist() == [[[[False, True, False], [False, False, False]]]]
-    assert block_map.density() == pytest.approx(1 / 6)
+    assert block_map.tiles().tolist() == [[[[False, True, False], [False, False, True]]]]
+    assert block_map.full_tiles().tolist() == [[[[False, False, False], [False, False, True]]]]
+    assert block_map.density() == pytest.approx(2 / 6)
 
 
 @pytest.mark.parametrize("block", [None, 64])
@@ -65,6 +74,6 @@ def test_forward_with_a_block_map_is_the_same_function():
 
 
 def test_map_strides_skip_broadcast_dims():
-    assert map_strides((2, 4, 100), 3) == (1200, 300, 3)
-    assert map_strides((1, 4, 1), 2) == (0, 2, 0)
+    assert map_strides((2, 4, 100), 3) == (2400, 600, 6)  # two planes of 3 words per row
+    assert map_strides((1, 4, 1), 2) == (0, 4, 0)
     assert map_words(1) == 1 and map_words(4096) == 1 and map_words(4097) == 2

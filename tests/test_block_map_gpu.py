@@ -47,7 +47,7 @@ def test_float_masks_keep_nonzero():
         mask[0, 0, 1, 300] = numpy.nan
         mask[0, 0, 2, 1023] = -2.0
         bits = _check(mask).bits.get()
-        assert bits[0, 0, :, 0].tolist() == [0, 1 << 2, 1 << 7, 0]
+        assert bits[0, 0, :, 0, 0].tolist() == [0, 1 << 2, 1 << 7, 0]
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 896), (1, 2, 50, 896), (2, 8, 1, 4096)])
@@ -69,7 +69,23 @@ def test_views_read_in_place():
 def test_dense_and_empty():
     full = cupy.ones((1, 2, 64, 5000), dtype=bool)
     assert _check(full).density() == 1.0
+    assert bool(_check(full).full_tiles().all())
     assert _check(cupy.zeros_like(full)).density() == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["bool", "float16", "float32", "int32"])
+def test_full_tiles(dtype):
+    """The "full" plane: tiles kept whole next to tiles with one key dropped at either end or in
+    the middle, a short last tile kept whole, for chunked and element-wise reads."""
+    mask = cupy.ones((1, 2, 6, 4101), dtype=dtype)
+    mask[0, 0, 1, 128] = 0
+    mask[0, 0, 2, 255] = 0
+    mask[0, 1, 3, 4000] = 0
+    mask[0, 1, 4, 4100] = 0
+    mask[0, 1, 5, :128] = 0
+    full = _check(mask).full_tiles().get()
+    assert int((~full).sum()) == 5 and not full[0, 1, 5, 0]  # the last one: no kept key at all
+    _check(mask[..., 1:])  # unaligned rows: element-wise
 
 
 @pytest.mark.parametrize("block", [None, 128, 48])

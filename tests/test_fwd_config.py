@@ -47,6 +47,19 @@ def test_hopper_runs_wide_at_d128_when_it_fits():
     assert _config(mask_bytes=4, shares_aux=False).tiles.warpgroups == 1
 
 
+def test_wide_item_slots_hold_each_rows_map_bits():
+    """With a mask, each item slot holds every row's block-map bits over the split's key tiles
+    (fwd_ws.cu ItemBits): 64 rows (group 2) of 896 tiles still fit beside the mask and bias rows,
+    of 1024 tiles no longer (the narrow kernel runs); 16 rows (group 8) fit at a million keys."""
+    fits = _config(mask_bytes=1, bias_bytes=2, group=2, seqlen_k=896 * 128)
+    assert fits.tiles.warpgroups == 2 and fits.smem_bytes <= SMEM_PER_CTA
+    assert _config(mask_bytes=1, bias_bytes=2, group=2, seqlen_k=1024 * 128).tiles.warpgroups == 1
+    packed = _config(mask_bytes=1, bias_bytes=2, group=8, seqlen_k=1 << 20)
+    assert packed.tiles.warpgroups == 2 and packed.smem_bytes <= SMEM_PER_CTA
+    unmasked = _config(bias_bytes=2, group=2, seqlen_k=1024 * 128)
+    assert unmasked.tiles.warpgroups == 2
+
+
 def test_mma_sync_and_narrow_d64_keep_two_ctas_per_sm():
     for d in (32, 64, 96, 128):  # larger head dims: one CTA (its K/V tiles alone fill half)
         cfg = _config(head_dim=d, wgmma=False, mask_bytes=1, bias_bytes=2, shares_aux=False)

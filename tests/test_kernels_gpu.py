@@ -333,7 +333,8 @@ def test_ws_forward_with_block_map(shape, monkeypatch):
     """The caller's block map (dmattn_cupy.block_map, made once) in place of the call's own pass:
     the same tiles are computed (the counter), the output is right, causal or not, for masks
     broadcast over batch, heads or rows, one per query head, and expanded (zero-stride) over the
-    batch; a map with every bit set (all tiles visited, hidden ones computed as -inf) agrees too.
+    batch; a map that visits every tile and says none is kept whole (hidden keys tested one by one)
+    agrees too.
     The narrow kernels read their own mask and take the map unused."""
     from dmattn_cupy._cuda.forward import forward as cuda_forward
     from dmattn_cupy._validate import validate_attention
@@ -347,7 +348,9 @@ def test_ws_forward_with_block_map(shape, monkeypatch):
         mask = cupy.broadcast_to(mask, (2, 2, 900, 896))
     bias = None if mask.shape[1] == 8 else bias
     block_map = dmattn_cupy.block_map(mask)
-    everything = dmattn_cupy.BlockMap(cupy.full_like(block_map.bits, 0xFFFFFFFF), block_map.mask_shape)
+    every_bits = cupy.zeros_like(block_map.bits)
+    every_bits[..., 0, :] = 0xFFFFFFFF  # plane 0 ("any") set, plane 1 ("full") clear
+    everything = dmattn_cupy.BlockMap(every_bits, block_map.mask_shape)
     for causal in (False, True):
         assert _checked_wide(q, k, v, mask, bias, causal=causal, block_map=block_map)
         check_forward(q, k, v, mask, bias, causal=causal, block_map=everything)
@@ -360,6 +363,32 @@ def test_ws_forward_with_block_map(shape, monkeypatch):
         assert counts[0] == counts[1] > 0
     monkeypatch.setenv("DMATTN_CUPY_TMA", "0")
     assert not _checked_wide(q, k, v, mask, bias, causal=True, block_map=block_map)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 2, 900, 1008), (2, 2, 1, 1008), (2, 8, 300, 1008)])
+def test_ws_forward_rows_keeping_whole_tiles(mask_shape, monkeypatch):
+    """Masks whose rows keep or drop whole 128-key tiles, each row its own (as top-k smoothed to
+    blocks): the block map's "full" bits let those tiles go without mask rows or a test per score,
+    the softmax dropping each row's empty tiles. Rows differ inside a query tile; a short last
+    tile kept whole; hidden keys sprinkled into a few rows (their tiles go back to the tested
+    path); a mask broadcast over rows; one per query head (128 rows per tile); causal (diagonal
+    tiles: kept whole under the causal limit in the call's own map, not in the caller's) or not;
+    the caller's map and the call's own."""
+    _hopper_wide(monkeypatch)
+    B, Hk, mask_rows, Sk = mask_shape
+    Sq = 900 if mask_rows == 1 else mask_rows
+    q, k, v, _, bias = make_inputs(B, Sq, Sk, 8, 2, 128, "bfloat16", None, (B, 2, Sq, Sk))
+    bias = None if Hk == 8 else bias
+    for sprinkle in (False, True):
+        mask = _block_mask(B, Hk, mask_rows, Sk, 0.4, rows=1)
+        if sprinkle:
+            mask[:, :, ::50, 7::300] = False
+        tile_map = dmattn_cupy.block_map(mask)
+        full = tile_map.full_tiles()
+        assert bool(full.any()) and bool((tile_map.tiles() & ~full).any()) == sprinkle
+        for causal in (False, True):
+            assert _checked_wide(q, k, v, mask, bias, causal=causal)
+            assert _checked_wide(q, k, v, mask, bias, causal=causal, block_map=tile_map)
 
 
 def test_ws_forward_with_topk_block_map(monkeypatch):

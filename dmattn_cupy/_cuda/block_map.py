@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from .._block_map import BlockMap, map_words
+from .._block_map import MAP_PLANES, BlockMap, map_words
 from . import compile as nvrtc
 from .operands import aux_operand
 from .params import BLOCK_MAP_PARAMS, new_record, pointer_slots
@@ -51,7 +51,7 @@ def map_pass(mask, dims: tuple, seqlen_k: int, causal_seqlen_q: int = 0) -> MapP
     rec["rows"], rec["heads"], rec["seq_rows"] = rows, dims[1], dims[2]
     rec["seqlen_k"], rec["words"], rec["causal_seqlen_q"] = seqlen_k, words, causal_seqlen_q
     kernel = nvrtc.get_kernel("block_map.cu", nvrtc.kernel_name("block_map_kernel", mask.elem_bytes, mask.vec))
-    return MapPass(rec.view(numpy.uint64), kernel, (math.ceil(rows / (THREADS // 32)),), rows * words)
+    return MapPass(rec.view(numpy.uint64), kernel, (math.ceil(rows / (THREADS // 32)),), rows * MAP_PLANES * words)
 
 
 def block_map(mask) -> BlockMap:
@@ -61,6 +61,6 @@ def block_map(mask) -> BlockMap:
     shape = tuple(int(n) for n in mask.shape)
     operand = aux_operand(mask, heads=shape[1], kv_heads=shape[1], seqlen_k=shape[3], is_mask=True)
     launch = map_pass(operand, shape[:3], shape[3])
-    bits = cupy.empty(launch.map_elems, dtype=numpy.uint32).reshape(shape[:3] + (-1,))
+    bits = cupy.empty(launch.map_elems, dtype=numpy.uint32).reshape(shape[:3] + (MAP_PLANES, -1))
     launch.launch(operand.ptr, bits.data.ptr, cupy.cuda.get_current_stream().ptr)
     return BlockMap(bits, shape)

@@ -180,8 +180,10 @@ def _fwd_config(tiles: FwdTiles, batch, heads, group, seqlen_q, seqlen_k, mask_b
     aux = seq_rows * (aux_row_bytes(tiles.block_n, mask_bytes) + aux_row_bytes(tiles.block_n, bias_bytes))
     bits = 4 * math.ceil(per_split / 32)  # one bit per key tile of a split (the mask scan)
     if tiles.warpgroups == 2:  # fwd_ws.cu: sQ[QS] | sK[2] | sV[2] | aux[2] | barriers | items | bits
+        # an item's bits (fwd_ws.cu ItemBits): with a mask, active | partial | each row's map bits
+        item_bits = bits * (2 + seq_rows if mask_bytes else 1)
         smem = (WS_Q_STAGES * tiles.tile_bytes(tiles.block_m) + tiles.k_stages * (kv + aux) + WGMMA_V_STAGES * kv
-                + 8 * WS_BARRIERS + 4 * (WS_ITEM_SLOTS + 2) + WS_ITEM_SLOTS * bits)
+                + 8 * WS_BARRIERS + 4 * (WS_ITEM_SLOTS + 2) + WS_ITEM_SLOTS * item_bits)
         return FwdConfig(tiles, pack, m_blocks, splits, per_split, tiles.k_stages, smem)
     fixed = tiles.tile_bytes(tiles.block_m) + (bits if mask_bytes else 0)  # sQ, sBits
     if tiles.wgmma:  # fwd_wgmma.cu: sQ | sK[KS] | sV[2] | mask+bias[KS] | sBits

@@ -10,7 +10,7 @@ import math
 
 import numpy
 
-from .._block_map import BlockMap, map_words
+from .._block_map import MAP_PLANES, BlockMap, map_words
 from . import compile as nvrtc
 from . import device
 from .operands import element_strides
@@ -50,7 +50,7 @@ def topk_mask(bias, window: int, causal: bool, block: int | None, mask, with_map
     seqlen_k = int(bias.shape[-1])
     out = cupy.empty(bias.shape, dtype=cupy.bool_)
     words = map_words(seqlen_k)
-    bits = cupy.empty(out.shape[:3] + (words,), dtype=numpy.uint32) if with_map else None
+    bits = cupy.empty(out.shape[:3] + (MAP_PLANES, words), dtype=numpy.uint32) if with_map else None
     result = (out, BlockMap(bits, tuple(out.shape))) if with_map else out
     rows = out.size // seqlen_k
     if rows == 0:
@@ -70,5 +70,6 @@ def topk_mask(bias, window: int, causal: bool, block: int | None, mask, with_map
     name = nvrtc.kernel_name("topk_mask_kernel", _BIAS_TYPES[numpy.dtype(bias.dtype).name],
                              *mask_template_args(None if mask is None else mask.dtype))
     kernel = nvrtc.get_kernel("topk.cu", name)
-    nvrtc.launch(kernel, (rows,), threads_per_row(rows, seqlen_k, sm_count), rec, 4 * words if with_map else 0)
+    nvrtc.launch(kernel, (rows,), threads_per_row(rows, seqlen_k, sm_count), rec,
+                 4 * MAP_PLANES * words if with_map else 0)
     return result
