@@ -55,6 +55,7 @@ __device__ __forceinline__ MapWord map_word_chunks(const unsigned char* row, int
       if ((r * kLoads + j) * 32 >= chunks) break;  // past the row's (causal) end: nothing kept
       const int c = (r * kLoads + j) * 32 + lane;
       const u32 kept = __ballot_sync(0xffffffffu, chunk_any_keep<ELEM>(chunk[j]));
+      if (kept == 0u) continue;  // no kept key: these tiles' full bits are moot (a sparse mask's usual case)
       const u32 dropped = __ballot_sync(0xffffffffu, c < chunks && !chunk_all_keep<ELEM>(chunk[j], keys - c * kPerChunk));
 #pragma unroll
       for (int q = 0; q < 32 / kTileChunks; ++q) {  // load j covers tiles from (r kLoads + j) 32 / kTileChunks

@@ -173,14 +173,17 @@ struct FwdBlock {
   // at (g + 8: one row further); full: the mask needs no test per score (mask_rows_full, or fwd_ws's
   // block map). Only the last key tile and the tiles the causal diagonal crosses need bounds checks;
   // the other tiles take a copy without them, and without the mask test when full (no index math or
-  // selects per score: the common tile is the softmax's critical path).
-  template <int MA, int NA>
+  // selects per score: the common tile is the softmax's critical path). EDGE_FULL: an edge tile
+  // that is full takes a copy without the mask test too (fwd_ws, whose block map says so of most
+  // diagonal tiles of a block mask; the narrow kernels keep one edge copy: a second added ~400
+  // instructions to fwd_wgmma_kernel for tiles mask_rows_full seldom finds full).
+  template <bool EDGE_FULL = false, int MA, int NA>
   __device__ __forceinline__ void score_mods(float (&s)[MA][NA][4], const unsigned char* sMaskT,
                                              const unsigned char* sBiasT, const int (&aux_row)[MA], int t,
                                              int tq, bool full) const {
     const int n0 = t * BLOCK_N;
     const bool edge = n0 + BLOCK_N > a.seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + a.seqlen_k - a.seqlen_q);
-    if (edge && full)
+    if (EDGE_FULL && edge && full)
       score_mods_tile<true, false>(s, sMaskT, sBiasT, aux_row, n0, tq);
     else if (edge)
       score_mods_tile<true, true>(s, sMaskT, sBiasT, aux_row, n0, tq);

@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
     wgmma_wait<0>();
     fence_registers(s_regs);
     k_ring.release_by_warp(visit, lane);
-    blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked0);
+    blk.template score_mods<true>(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked0);
     if constexpr (kHasAux) aux_ring.release_by_warp(visit, lane);
     acc.softmax.update(s, alpha, keep0);
     Tiles::pack(acc.p_prev, s);
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
       wgmma_wait<1>();
       fence_registers(s_regs);
       k_ring.release_by_warp(visit, lane);
-      blk.score_mods(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked);  // mods(S_i)
+      blk.template score_mods<true>(s, sMask(visit), sBias(visit), aux_row, t, tq, !masked);  // mods(S_i)
       if constexpr (kHasAux) aux_ring.release_by_warp(visit, lane);
       const bool moved = acc.softmax.update(s, alpha, keep);                // P_i = 2^(unit (s - m))
       wgmma_wait<0>();
