@@ -239,22 +239,28 @@ of an unstructured bias spreads so thinly that no block reaches half, and the ro
 To skip tiles, the kernel must first learn which tiles are empty. Found from the mask itself, that
 is a pass over every byte of it on **every** call: gqa8k's causal bool mask (B=2, H=16, S=8192) is
 270 MB, about 0.1 ms per call at an H100's read rate. A `dm.BlockMap` keeps the result of that pass:
-one bit per (mask row, 128-key tile), set where the row keeps a key in that tile.
+two bits per (mask row, 128-key tile), one set where the row keeps a key in that tile ("any"), one
+where it keeps every key of it ("full").
 
 * `dm.block_map(mask)` makes it from any mask; `dm.topk_mask(..., return_block_map=True)` returns
   `(mask, block_map)`, and on the GPU the top-k kernel writes the map while it writes the mask, so
   the map costs no extra pass.
-* `bits` is uint32 of shape `mask.shape[:3] + (words,)`, `words = ceil(ceil(Sk/128)/32)`;
-  `.tiles()` unpacks it to bool `(..., rows, key tiles)` and `.density()` is the fraction of
-  (row, tile) pairs set.
+* `bits` is uint32 of shape `mask.shape[:3] + (2, words)`, `words = ceil(ceil(Sk/128)/32)`: the
+  "any" words, then the "full" words, of each row; `.tiles()` and `.full_tiles()` unpack them to
+  bool `(..., rows, key tiles)` and `.density()` is the fraction of (row, tile) pairs with a key.
 
-OR-ing a map's bits over the rows of a query tile gives the tile picture above, so the kernel never
-reads the mask to decide what to skip (it still reads the mask rows of the tiles it computes).
+OR-ing the "any" bits over the rows of a query tile gives the tile picture above, so the kernel
+never reads the mask to decide what to skip. Where no row of the query tile keeps a tile in part
+(any but not full), the bits say everything the mask would: the kernel then reads no mask rows for
+that tile and tests no score; a row whose "any" bit is clear drops the tile in its softmax. Top-k
+smoothed to 128-key blocks is such a mask everywhere but on the causal diagonal.
 '''),
     code('''m_block, bm = dm.topk_mask(bias, 256, causal=True, block=128, return_block_map=True)
 print("mask", m_block.shape, m_block.dtype, f"{m_block.nbytes:,} bytes")
 print("bits", bm.bits.shape, bm.bits.dtype, f"{bm.bits.nbytes:,} bytes;  mask_shape", bm.mask_shape)
 print(f"density: {bm.density():.3f} of (row, 128-key tile) pairs keep a key")
+partial = bm.tiles() & ~bm.full_tiles()
+print(f"kept in part: {partial.sum() / bm.tiles().sum():.3f} of them (the causal diagonal's tiles)")
 print("same as dm.block_map(mask):", bool((bm.tiles() == dm.block_map(m_block).tiles()).all()))
 
 rows_tiles = bm.tiles()[0, 0]                            # (S rows, S/128 key tiles)
@@ -274,9 +280,9 @@ fig.tight_layout(); plt.show()'''),
 Pass the map to `dm.forward(..., block_map=bm)` with the mask it describes. Make it once and reuse it
 for every call with that mask (each layer, each step that keeps the mask), as FlexAttention's
 `BlockMask` is made once. On an H100 (bf16, gqa8k: B=2, H=16, Hk=4, S=8192, D=128, causal, bias;
-same process) the forward went from 0.548 to 0.472 ms with the top-k smoothed mask; with block-sparse
-masks of density 1/16 from 0.233 to 0.137 ms, 1/8 from 0.300 to 0.200 ms, and at density 1 from
-1.33 to 1.24 ms.
+same process) the forward went from 0.52-0.54 to 0.41-0.43 ms with the top-k smoothed mask; with
+block-sparse masks of density 1/16 from 0.231 to 0.137 ms, 1/8 from 0.305 to 0.198-0.209 ms, and at
+density 1 from 1.25 to 1.15-1.18 ms.
 
 The map must describe the mask passed with it: `forward` checks the shapes, not the bits, and a stale
 map (a mask changed after its map was made) gives undefined results on the GPU. On the NumPy path the
