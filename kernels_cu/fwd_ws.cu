@@ -7,9 +7,10 @@
 // memory), which the caller made once (block_map, topk_mask) or the call writes first with
 // block_map_kernel over the whole GPU. The map also spares the tiles that no row of the item keeps
 // in part their mask rows and per-score tests: each row's bit says all (H100, gqa8k_topk with its
-// map: 0.45-0.48 -> 0.41-0.43 ms; NOTES.md 51). (Scanning the mask inside this kernel was latency-bound every way it was tried: on
-// the scheduler's 64 threads, one CTA per multiprocessor, it streams ~5-20 GB/s against the
-// pre-pass's 2.7 TB/s, and per query head rather than per mask head: benchmarks/NOTES.md 46-49.)
+// map: 0.45-0.48 -> 0.41-0.43 ms; NOTES.md 51). (Scanning the mask inside this kernel was
+// latency-bound every way it was tried: on the scheduler's 64 threads, one CTA per multiprocessor,
+// it streams ~5-20 GB/s against the pre-pass's 2.7 TB/s, and per query head rather than per mask
+// head: benchmarks/NOTES.md 46-49.)
 //
 // Why: with one CTA per multiprocessor, a kernel whose threads both copy and compute waits for
 // each copy's latency. Here the scheduler warps hand item n + 1 on (and write every empty item
@@ -263,9 +264,10 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
             for (int j = 0; j < 2; ++j) {
               const int u = u0 + 64 * j;
               if (u >= pairs) break;
+              const u32 partial = word[j].any & ~word[j].full;
               ib.words[2 * bit_words + u] = word[j].any;  // row u / bit_words, word w[j]
               if (word[j].any) atomicOr(&ib.active()[w[j]], word[j].any);
-              if (word[j].any & ~word[j].full) atomicOr(&ib.partial()[w[j]], word[j].any & ~word[j].full);
+              if (partial) atomicOr(&ib.partial()[w[j]], partial);
             }
           }
           named_barrier_sync(Tr::kSchedBar, 64);
@@ -322,12 +324,15 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
     const int map_rows = MASK_BYTES > 0 ? ws_map_rows(p, blk) : 1;
     const int row_lo = min(aux_row[0], map_rows - 1), row_hi = min(aux_row[0] + 8, map_rows - 1);
     auto tile_mask = [&](int t, bool& masked) -> u32 {
-      masked = false;
-      if constexpr (MASK_BYTES == 0) return 3u;
-      const int j = t - blk.t_begin;
-      masked = ItemBits::test(bits.partial(), j);
-      return static_cast<u32>(ItemBits::test(bits.row(row_lo), j)) |
-             static_cast<u32>(ItemBits::test(bits.row(row_hi), j)) << 1;
+      if constexpr (MASK_BYTES == 0) {
+        masked = false;
+        return 3u;
+      } else {
+        const int j = t - blk.t_begin;
+        masked = ItemBits::test(bits.partial(), j);
+        return static_cast<u32>(ItemBits::test(bits.row(row_lo), j)) |
+               static_cast<u32>(ItemBits::test(bits.row(row_hi), j)) << 1;
+      }
     };
     WgmmaAccum<NA, DA> acc(blk.score_unit());
     float s[1][NA][4];

@@ -130,31 +130,29 @@ template <int BYTES> __device__ __forceinline__ bool chunk_any_keep(uint4 c) {
   return ((c.x & m) | (c.y & m) | (c.z & m) | (c.w & m)) != 0u;
 }
 
-// Nonzero when some byte of a 16-byte chunk of a bool/uint8 mask is zero ("hidden"), by the borrow
-// trick: (w - 0x01010101) & ~w & 0x80808080 is nonzero exactly when w has a zero byte.
-__device__ __forceinline__ u32 chunk_zero_bytes(uint4 c) {
+// Nonzero when some byte among the first n of a 16-byte chunk of a bool/uint8 mask is zero
+// ("hidden"), by the borrow trick: (w - 0x01010101) & ~w & 0x80808080 is nonzero exactly when w has
+// a zero byte. Counting only the first n bytes stays exact: a borrow flags a byte only above a truly
+// zero one, which then counts too.
+__device__ __forceinline__ u32 chunk_zero_bytes(uint4 c, int n = 16) {
   const u32 w[4] = {c.x, c.y, c.z, c.w};
   u32 zero = 0u;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) zero |= (w[i] - 0x01010101u) & ~w[i] & 0x80808080u;
+  for (int i = 0; i < 4; ++i) {
+    const int bytes = n - 4 * i;  // of word i
+    const u32 counted = bytes >= 4 ? 0x80808080u : bytes <= 0 ? 0u : 0x80808080u & ((1u << (8 * bytes)) - 1u);
+    zero |= (w[i] - 0x01010101u) & ~w[i] & counted;
+  }
   return zero;
 }
 
 // True when the first n elements of a 16-byte chunk of mask elements all keep (n >= 16 / BYTES: the
-// whole chunk; the last chunk a row reads may be cut short). Bytes: the borrow trick above on the
-// counted bytes only (a borrow flags a byte only above a truly zero one, which then counts too).
+// whole chunk; the last chunk a row reads may be cut short).
 template <int BYTES> __device__ __forceinline__ bool chunk_all_keep(uint4 c, int n) {
-  const u32 w[4] = {c.x, c.y, c.z, c.w};
   if constexpr (BYTES == 1) {
-    u32 zero = 0u;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int bytes = n - 4 * i;  // of word i
-      const u32 counted = bytes >= 4 ? 0x80808080u : bytes <= 0 ? 0u : 0x80808080u & ((1u << (8 * bytes)) - 1u);
-      zero |= (w[i] - 0x01010101u) & ~w[i] & counted;
-    }
-    return zero == 0u;
+    return chunk_zero_bytes(c, n) == 0u;
   } else {
+    const u32 w[4] = {c.x, c.y, c.z, c.w};
     constexpr int kPerWord = 4 / BYTES;
     constexpr u32 kKeepBits = BYTES == 2 ? 0x7fffu : 0x7fffffffu;
     bool all = true;
