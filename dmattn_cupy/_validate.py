@@ -298,6 +298,20 @@ def validate_block_map(block_map, mask, xp: ModuleType) -> None:
     """forward's block_map: a BlockMap made from a mask of this mask's shape, on its device."""
     if block_map is None:
         return
+    try:  # as validate_attention: a signature that passed once is not checked again
+        key = (type(block_map), block_map.mask_shape) + _signature((block_map.bits, mask), (xp,))
+        if key in _VALIDATED:
+            return
+    except (AttributeError, TypeError):  # not a BlockMap, or unhashable: the checks below report it
+        key = None
+    _validate_block_map(block_map, mask, xp)
+    if key is not None:
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = True
+
+
+def _validate_block_map(block_map, mask, xp: ModuleType) -> None:
     if not isinstance(block_map, BlockMap):
         raise TypeError("block_map must be a dmattn_cupy.BlockMap (from block_map(mask) or "
                         "topk_mask(..., return_block_map=True)) or None; "

@@ -256,6 +256,20 @@ def test_forward_block_map_bits(bits):
                   mask=_mask(), block_map=block_map)
 
 
+def test_a_checked_block_map_does_not_let_a_bad_one_through():
+    # forward remembers the signatures of maps it checked (small calls are not bound by Python);
+    # a map whose bits differ in any checked property is checked again
+    mask, (q, k, v) = _mask(), inputs()
+    good = dmattn_cupy.block_map(mask)
+    for _ in range(2):
+        dmattn_cupy.forward(q, k, v, mask, block_map=good)
+    for bits in (good.bits.astype(np.int32), good.bits[..., :1, :], np.asfortranarray(good.bits)):
+        forward_error(ValueError, r"^block_map.bits must be", mask=mask,
+                      block_map=dmattn_cupy.BlockMap(bits, good.mask_shape))
+    forward_error(ValueError, r"^block_map was made from a mask of shape", mask=_mask((B, 1, SQ, SK)),
+                  block_map=good)
+
+
 def test_topk_return_block_map_must_be_bool():
     topk_error(TypeError, "^return_block_map must be a bool", return_block_map=1)
 

@@ -2,12 +2,13 @@
 
 Covers autograd (gradcheck in float64, bias gradients in the bias's own shape, partial
 requires_grad), the flash-dmattn drop-in surface, views and expanded inputs, mask dtypes,
-the custom ops (opcheck) and torch.compile(fullgraph=True), and error surfacing.
+block maps, the custom ops (opcheck) and torch.compile(fullgraph=True), and error surfacing.
 """
 
 import inspect
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -191,8 +192,10 @@ def test_fully_masked_row_gives_zero_output_and_finite_grads():
 
 def test_signature_matches_flash_dmattn():
     params = inspect.signature(flash_dmattn_func).parameters
+    # flash-dmattn's arguments in its order, then dmattn_cupy's keyword addition
     assert list(params) == ["query", "key", "value", "attn_mask", "attn_bias", "softmax_scale",
-                            "is_causal", "softcap", "deterministic", "return_attn_probs"]
+                            "is_causal", "softcap", "deterministic", "return_attn_probs",
+                            "block_map"]
     assert all(p.default is None for name, p in params.items()
                if name not in ("query", "key", "value"))
 
@@ -314,6 +317,37 @@ def test_float32_path_and_outputs_are_fresh():
 
 
 # ---------------------------------------------------------------------------------------------
+# Block maps
+
+
+def test_block_map_is_the_masks_map_as_int32_words():
+    import dmattn_cupy
+    mask = rand_mask((2, 1, 5, 300), keep=0.01)
+    mask[0, 0, 1, 128:256] = True  # a row keeping a whole tile: its `full` bit
+    bits = dmt.block_map(mask)
+    want = dmattn_cupy.block_map(mask.numpy()).bits
+    assert bits.dtype == torch.int32 and tuple(bits.shape) == want.shape == (2, 1, 5, 2, 1)
+    assert (bits.numpy().view(np.uint32) == want).all()
+    assert bits[0, 0, 1, 1, 0] & 2  # tile 1 of row 1 kept whole
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4, 6, 9), (1, 2, 6, 9), (2, 1, 1, 9)])
+def test_forward_with_block_map_equals_forward_without(mask_shape):
+    q, k, v = make_inputs(batch=2, seqlen_q=6, seqlen_k=9, heads=4, kv_heads=2)
+    bias, mask = rand((2, 2, 6, 9)), rand_mask(mask_shape, keep=0.4)
+    bm = dmt.block_map(mask)
+    def attend(block_map):
+        return lambda q, k, v, b: flash_dmattn_func(q, k, v, mask, b, is_causal=True, block_map=block_map)
+
+    with_map, g_map = grads(attend(bm), q, k, v, bias)
+    without, g = grads(attend(None), q, k, v, bias)
+    assert_close(with_map, without, rtol=0, atol=0)
+    for a, b in zip(g_map, g):
+        assert_close(a, b, rtol=0, atol=0)
+    assert_close(with_map, torch_attention(q, k, v, mask, bias, causal=True))
+
+
+# ---------------------------------------------------------------------------------------------
 # Custom ops and torch.compile
 
 
@@ -325,6 +359,8 @@ def test_opcheck_forward_op():
                           (q, k, v, mask, bias, 0.4, True, 0.0, False))
     torch.library.opcheck(torch.ops.dmattn_cupy.fwd.default,
                           (q, k, v, None, None, 0.4, False, 1.0, False))
+    torch.library.opcheck(torch.ops.dmattn_cupy.fwd.default,
+                          (q, k, v, mask, bias, 0.4, True, 0.0, False, dmt.block_map(mask)))
 
 
 class TinyAttention(torch.nn.Module):
@@ -412,6 +448,15 @@ def _bad_calls():
         "negative_softcap": (ValueError, lambda: flash_dmattn_func(q, k, v, softcap=-1.0)),
         "causal_not_bool": (TypeError, lambda: flash_dmattn_func(q, k, v, is_causal="yes")),
         "two_devices": (ValueError, lambda: flash_dmattn_func(q.to("meta"), k, v)),
+        "block_map_without_mask": (ValueError, lambda: flash_dmattn_func(
+            q, k, v, block_map=dmt.block_map(rand_mask((1, 2, 3, 4))))),
+        "block_map_of_another_shape": (ValueError, lambda: flash_dmattn_func(
+            q, k, v, attn_mask=rand_mask((1, 2, 3, 4)), block_map=dmt.block_map(rand_mask((1, 1, 3, 4))))),
+        "block_map_int64": (ValueError, lambda: flash_dmattn_func(
+            q, k, v, attn_mask=rand_mask((1, 2, 3, 4)), block_map=dmt.block_map(rand_mask((1, 2, 3, 4))).long())),
+        "block_map_numpy": (TypeError, lambda: flash_dmattn_func(
+            q, k, v, attn_mask=rand_mask((1, 2, 3, 4)), block_map=dmt.block_map(rand_mask((1, 2, 3, 4))).numpy())),
+        "block_map_of_numpy_mask": (TypeError, lambda: dmt.block_map(rand_mask((1, 2, 3, 4)).numpy())),
     }
 
 

@@ -78,6 +78,7 @@ def backend_spy(monkeypatch):
 
     def spy_forward(q, k, v, mask, bias, problem, return_lse, **kwargs):
         describe("fwd_", q=q, k=k, v=v, mask=mask, bias=bias)
+        seen["fwd_block_map"] = kwargs.get("block_map")
         result = forward(q, k, v, mask, bias, problem, return_lse, **kwargs)
         seen["fwd_out"], seen["fwd_lse"] = result[0].data.ptr, result[1].data.ptr
         return result
@@ -180,6 +181,42 @@ def test_runs_on_torchs_current_stream(backend_spy):
     torch.testing.assert_close(out, expected)
     for got, want in zip(side_leaves, leaves):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_block_map_reaches_the_kernels_in_place_and_changes_nothing(backend_spy):
+    cupy = pytest.importorskip("cupy")
+    import dmattn_cupy
+    batch, heads, kv_heads, seqlen, head_dim = 2, 8, 2, 1000, 128
+    q = randn(batch, seqlen, heads, head_dim, dtype=torch.bfloat16, seed=1)
+    k = randn(batch, seqlen, kv_heads, head_dim, dtype=torch.bfloat16, seed=2)
+    v = randn(batch, seqlen, kv_heads, head_dim, dtype=torch.bfloat16, seed=3)
+    bias = randn(batch, kv_heads, seqlen, seqlen, dtype=torch.bfloat16, seed=4)
+    # whole 128-key blocks per 64-row block, and sprinkled holes: full, partial and empty tiles
+    blocks = randn(batch, kv_heads, -(-seqlen // 64), -(-seqlen // 128), seed=5) > 0.3
+    mask = blocks.repeat_interleave(64, 2).repeat_interleave(128, 3)[:, :, :seqlen, :seqlen].contiguous()
+    mask &= randn(batch, kv_heads, seqlen, seqlen, seed=6) > -2.5
+    bm = dmt.block_map(mask)
+    want = dmattn_cupy.block_map(cupy.from_dlpack(mask)).bits
+    assert bm.dtype == torch.int32 and bm.is_cuda
+    assert (cupy.from_dlpack(bm).view(cupy.uint32) == want).all()
+
+    def run(block_map):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = flash_dmattn_func(*leaves[:3], attn_mask=mask, attn_bias=leaves[3], is_causal=True,
+                                deterministic=True, block_map=block_map)
+        out.float().square().sum().backward()
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(bm)
+    seen = backend_spy["fwd_block_map"]
+    assert isinstance(seen, dmattn_cupy.BlockMap) and seen.bits.data.ptr == bm.data_ptr()
+    out_plain, grads_plain = run(None)
+    assert backend_spy["fwd_block_map"] is None
+    torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
+    for got, want in zip(grads, grads_plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = torch_attention(*(t.double() for t in (q, k, v)), mask, bias.double(), causal=True)
+    assert rel_error(out, ref) <= 2e-2
 
 
 # ---------------------------------------------------------------------------------------------

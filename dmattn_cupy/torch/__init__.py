@@ -16,6 +16,10 @@ torch's current stream, with outputs and scratch from torch's caching allocator.
 run the NumPy reference (float32/float64; float16/bfloat16 CPU tensors are computed in float32
 and converted back), autograd included, so models and tests run without a GPU.
 
+A mask used by several calls (every layer of a step) can bring its block map, made once:
+``bm = block_map(mask)``, then ``flash_dmattn_func(..., attn_mask=mask, block_map=bm)``; the
+CUDA forward then skips the mask's empty tiles without reading the mask first (dmattn_cupy.BlockMap).
+
 Everything goes through the custom ops ``torch.ops.dmattn_cupy.fwd`` / ``.bwd``, so
 ``torch.compile(model, fullgraph=True)`` traces through without graph breaks.
 """
@@ -27,10 +31,11 @@ import numbers
 
 import torch
 
-from ._ops import attention_bwd, attention_fwd
+from ._ops import attention_bwd, attention_fwd, mask_block_map
 
 __all__ = [
     "flash_dmattn_func",
+    "block_map",
     "flash_dmattn_func_auto",
     "get_available_backends",
     "CUDA_AVAILABLE",
@@ -87,6 +92,7 @@ def flash_dmattn_func(
     softcap: float | None = None,
     deterministic: bool | None = None,
     return_attn_probs: bool | None = None,
+    block_map: torch.Tensor | None = None,
 ):
     """Dynamic-mask attention with autograd; flash-dmattn's signature and layouts.
 
@@ -107,6 +113,10 @@ def flash_dmattn_func(
         return_attn_probs: for testing, as in flash-dmattn: also return lse (B, H, Sq) and the
             attention probabilities (B, H, Sq, Sk), both computed without gradient (the probs
             in float32, or float64 for float64 input, by plain torch math: O(Sq*Sk) memory).
+        block_map: dmattn_cupy's addition, after flash-dmattn's arguments: attn_mask's block
+            map from ``block_map(attn_mask)``, made once for every call with that mask. It must
+            describe this mask (as a stale BlockMask in FlexAttention, one that does not gives
+            undefined results); shapes are checked.
 
     Any view works: non-contiguous query/key/value (e.g. a transposed (B, H, S, D) tensor)
     and expanded (zero-stride) masks/biases are read in place on CUDA. Bad input raises
@@ -120,6 +130,7 @@ def flash_dmattn_func(
     _require_tensor("value", value)
     _require_tensor("attn_mask", attn_mask, optional=True)
     _require_tensor("attn_bias", attn_bias, optional=True)
+    _require_tensor("block_map", block_map, optional=True)
     scale = _option("softmax_scale", softmax_scale, None, float)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
@@ -128,10 +139,20 @@ def flash_dmattn_func(
     det = _option("deterministic", deterministic, False, bool)
     probs = _option("return_attn_probs", return_attn_probs, False, bool)
 
-    out, lse = attention_fwd(query, key, value, attn_mask, attn_bias, scale, causal, cap, det)
+    out, lse = attention_fwd(query, key, value, attn_mask, attn_bias, scale, causal, cap, det,
+                             block_map)
     if not probs:
         return out
     return out, lse, _attention_probs(query, key, attn_mask, attn_bias, scale, causal, cap)
+
+
+def block_map(mask: torch.Tensor) -> torch.Tensor:
+    """The mask's block map for ``flash_dmattn_func(..., block_map=)``: dmattn_cupy.block_map
+    (two bits per mask row and 128-key tile: a kept key, every key kept) as an int32 tensor of its
+    uint32 words, shape mask.shape[:3] + (2, ceil(ceil(Sk / 128) / 32)), on the mask's device.
+    One pass over the mask (gqa8k's bool mask, 540 MB: ~0.19 ms on an H100); each forward call
+    given it skips the pass it would make over the mask's causal part."""
+    return mask_block_map(mask)
 
 
 def _heads_like_query(t: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:

@@ -111,7 +111,7 @@ class CupyContext:
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float32": torch.float32, "float64": torch.float64, "bool": torch.bool,
-                 "uint8": torch.uint8, "int8": torch.int8}
+                 "uint8": torch.uint8, "int8": torch.int8, "int32": torch.int32}
 
 
 def _cupy_dtype(dtype: torch.dtype):

@@ -6,14 +6,15 @@ NumPy reference. Both ops have fake (meta) implementations, so ``torch.compile(.
 fullgraph=True)`` traces through them without graph breaks, and ``register_autograd`` ties
 them together:
 
-    fwd(q, k, v, mask, bias, scale, causal, softcap, deterministic) -> (out, lse)
+    fwd(q, k, v, mask, bias, scale, causal, softcap, deterministic, block_map=None) -> (out, lse)
     bwd(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic)
         -> (dq, dk, dv, dbias)          dbias is an empty (0,) tensor when bias is None
 
 Outputs are always fresh contiguous tensors (never views of inputs): out (B, Sq, H, D) in q's
 dtype, lse (B, H, Sq) float32 (float64 for float64 input), dq/dk/dv in the shape and dtype of
 q/k/v, dbias in the bias's own shape and dtype. lse is not differentiable; the mask gets no
-gradient.
+gradient. block_map is the mask's block map (``mask_block_map``), made once and passed with the
+mask: the CUDA forward then skips tiles without reading the mask first.
 
 This module deliberately avoids ``from __future__ import annotations``: custom_op reads the
 schema (``Optional[Tensor]`` for mask and bias) from real annotations.
@@ -25,6 +26,7 @@ import numpy
 import torch
 
 import dmattn_cupy
+from dmattn_cupy._block_map import MAP_PLANES, BlockMap, map_words
 from dmattn_cupy._validate import validate_attention
 
 from ._bridge import cupy_on_torch, from_numpy, reference_dtype, to_numpy
@@ -61,9 +63,10 @@ def _stand_in(tensor: Optional[Tensor]):
                                               (0,) * tensor.dim(), writeable=False)
 
 
-def check_inputs(q, k, v, mask, bias, scale, causal, softcap) -> None:
+def check_inputs(q, k, v, mask, bias, scale, causal, softcap, block_map=None) -> None:
     """Raise TypeError/ValueError (dmattn_cupy's messages) for inputs the API would refuse."""
-    named = {"query": q, "key": k, "value": v, "attn_mask": mask, "attn_bias": bias}
+    named = {"query": q, "key": k, "value": v, "attn_mask": mask, "attn_bias": bias,
+             "block_map": block_map}
     tensors = {name: t for name, t in named.items() if t is not None}
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
@@ -73,17 +76,40 @@ def check_inputs(q, k, v, mask, bias, scale, causal, softcap) -> None:
         raise TypeError(f"query, key, value must share one dtype; got query {q.dtype}, "
                         f"key {k.dtype}, value {v.dtype}")
     validate_attention(*(_stand_in(t) for t in (q, k, v, mask, bias)), scale, causal, softcap)
+    if block_map is not None:
+        _check_block_map(block_map, mask)
+
+
+def _check_block_map(block_map: Tensor, mask: Optional[Tensor]) -> None:
+    """The tensor from mask_block_map(mask): int32 words (the map's uint32 bits), shape
+    mask.shape[:3] + (2, words), contiguous."""
+    if mask is None:
+        raise ValueError("block_map describes a mask: pass the mask it was made from as attn_mask; "
+                         "got attn_mask=None")
+    expected = tuple(mask.shape[:3]) + (MAP_PLANES, map_words(mask.shape[3]))
+    if block_map.dtype != torch.int32 or tuple(block_map.shape) != expected or not block_map.is_contiguous():
+        raise ValueError(f"block_map must be a contiguous int32 tensor of shape {expected} "
+                         f"(dmattn_cupy.torch.block_map(attn_mask)); got {block_map.dtype} "
+                         f"{tuple(block_map.shape)}{'' if block_map.is_contiguous() else ', not contiguous'}")
+
+
+def _as_block_map(block_map: Optional[Tensor], mask: Optional[Tensor], to_array):
+    """dmattn_cupy.BlockMap over the tensor's memory (to_array: the tensor as a NumPy/CuPy array)."""
+    if block_map is None:
+        return None
+    return BlockMap(to_array(block_map).view(numpy.uint32), tuple(mask.shape))
 
 
 # ---------------------------------------------------------------------------------------------
 # Real implementations
 
 
-def _cpu_forward(q, k, v, mask, bias, scale, causal, softcap):
+def _cpu_forward(q, k, v, mask, bias, scale, causal, softcap, block_map):
     dtype = reference_dtype(q.dtype)
     out, lse = dmattn_cupy.forward(
         to_numpy(q, dtype), to_numpy(k, dtype), to_numpy(v, dtype), to_numpy(mask),
-        to_numpy(bias, dtype), scale=scale, causal=causal, softcap=softcap, return_lse=True)
+        to_numpy(bias, dtype), scale=scale, causal=causal, softcap=softcap, return_lse=True,
+        block_map=_as_block_map(block_map, mask, to_numpy))
     return from_numpy(out, q.dtype), from_numpy(lse, lse_dtype(q))
 
 
@@ -103,23 +129,27 @@ def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _cuda_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask itself when the kernels read its dtype, else mask != 0 (a bool copy)."""
+    return mask if mask is None or mask.dtype in _CUDA_MASK_DTYPES else mask != 0
+
+
 def _cuda_operands(q, k, v, mask, bias):
     """q/k/v with a unit last stride; a mask dtype the kernels read; bias in q's dtype or
     float32. Each is the caller's tensor unless a conversion is needed (then a copy)."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    if mask is not None and mask.dtype not in _CUDA_MASK_DTYPES:
-        mask = mask != 0
+    mask = _cuda_mask(mask)
     if bias is not None and bias.dtype not in (q.dtype, torch.float32):
         bias = bias.to(torch.float32)
     return q, k, v, mask, bias
 
 
-def _cuda_forward(q, k, v, mask, bias, scale, causal, softcap):
+def _cuda_forward(q, k, v, mask, bias, scale, causal, softcap, block_map):
     q, k, v, mask, bias = _cuda_operands(q, k, v, mask, bias)
     with cupy_on_torch(q.device) as ctx:
         out, lse = dmattn_cupy.forward(
             *(ctx.to_cupy(t) for t in (q, k, v, mask, bias)), scale=scale, causal=causal,
-            softcap=softcap, return_lse=True)
+            softcap=softcap, return_lse=True, block_map=_as_block_map(block_map, mask, ctx.to_cupy))
         return ctx.to_torch(out).contiguous(), ctx.to_torch(lse).contiguous()
 
 
@@ -137,6 +167,20 @@ def _cuda_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, 
     return dq, dk, dv, dbias
 
 
+def mask_block_map(mask: Tensor) -> Tensor:
+    """dmattn_cupy.block_map of a mask tensor, as an int32 tensor of its uint32 words on the mask's
+    device (shape mask.shape[:3] + (2, words); torch has few uint32 ops)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor; got {type(mask).__qualname__}")
+    if not mask.is_cuda:
+        return torch.from_numpy(dmattn_cupy.block_map(to_numpy(mask)).bits.view(numpy.int32))
+    import cupy
+
+    mask = _cuda_mask(mask)
+    with cupy_on_torch(mask.device) as ctx:
+        return ctx.to_torch(dmattn_cupy.block_map(ctx.to_cupy(mask)).bits.view(cupy.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # The ops
 
@@ -144,10 +188,10 @@ def _cuda_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, 
 @torch.library.custom_op("dmattn_cupy::fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                   bias: Optional[Tensor], scale: float, causal: bool, softcap: float,
-                  deterministic: bool) -> tuple[Tensor, Tensor]:
-    check_inputs(q, k, v, mask, bias, scale, causal, softcap)
+                  deterministic: bool, block_map: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    check_inputs(q, k, v, mask, bias, scale, causal, softcap, block_map)
     run = _cuda_forward if q.is_cuda else _cpu_forward
-    return run(q, k, v, mask, bias, scale, causal, softcap)
+    return run(q, k, v, mask, bias, scale, causal, softcap, block_map)
 
 
 def _has_symbolic_shape(*tensors) -> bool:
@@ -155,11 +199,11 @@ def _has_symbolic_shape(*tensors) -> bool:
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, mask, bias, scale, causal, softcap, deterministic):
+def _attention_fwd_fake(q, k, v, mask, bias, scale, causal, softcap, deterministic, block_map=None):
     # Under dynamic shapes the NumPy stand-ins would specialize every size (one graph per
     # shape); the real implementation checks the concrete shapes at run time instead.
-    if not _has_symbolic_shape(q, k, v, mask, bias):
-        check_inputs(q, k, v, mask, bias, scale, causal, softcap)
+    if not _has_symbolic_shape(q, k, v, mask, bias, block_map):
+        check_inputs(q, k, v, mask, bias, scale, causal, softcap, block_map)
     batch, seqlen_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=lse_dtype(q))
 
@@ -183,7 +227,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, mask, bias, scale, causal, soft
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, scale, causal, softcap, deterministic = inputs
+    q, k, v, mask, bias, scale, causal, softcap, deterministic, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, bias, out, lse)
     ctx.options = (scale, causal, softcap, deterministic)
@@ -195,7 +239,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv, dbias = attention_bwd(dout, q, k, v, out, lse, mask, bias, *ctx.options)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None,
-            dbias if bias is not None and need[4] else None, None, None, None, None)
+            dbias if bias is not None and need[4] else None, None, None, None, None, None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
