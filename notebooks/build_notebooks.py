@@ -300,6 +300,26 @@ try:  # a map made for another mask shape is refused
 except ValueError as exc:
     print("ValueError:", exc)'''),
     md('''
+From torch, `dmattn_cupy.torch.block_map(mask)` gives the same map as an int32 tensor on the mask's
+device, and `flash_dmattn_func(..., attn_mask=mask, block_map=bm_t)` takes it (zero copy into the
+kernels; autograd and `torch.compile` work as without it). A model whose layers share one mask per
+step makes the map once per step instead of paying the mask pass in every layer:
+'''),
+    code('''try:
+    import torch
+    from dmattn_cupy.torch import block_map as torch_block_map, flash_dmattn_func
+except ImportError:
+    torch = None
+    print("torch not installed: skipped")
+if torch is not None:
+    mask_t = torch.from_numpy(m_block)
+    bm_t = torch_block_map(mask_t)
+    print("torch map:", bm_t.dtype, tuple(bm_t.shape), "same bits:",
+          bool((bm_t.numpy().view(np.uint32) == bm.bits).all()))
+    qt, kt, vt, bt = (torch.from_numpy(x) for x in (q, kv[0], kv[1], bias))
+    out_t = flash_dmattn_func(qt, kt, vt, attn_mask=mask_t, attn_bias=bt, is_causal=True, block_map=bm_t)
+    print("same output as dm.forward:", np.allclose(out_t.numpy(), out))'''),
+    md('''
 ## A bias with structure: Doge-style dynamic bias from the values
 
 In Doge's dynamic mask attention the bias is a function of the **values**: one learned score per key

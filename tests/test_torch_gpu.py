@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import dmattn_cupy.torch as dmt  # noqa: E402
 from dmattn_cupy.torch import flash_dmattn_func  # noqa: E402
 
 pytestmark = [
