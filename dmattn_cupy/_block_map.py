@@ -40,6 +40,11 @@ def map_words(seqlen_k: int) -> int:
     return math.ceil(math.ceil(seqlen_k / MAP_KEYS) / 32)
 
 
+def map_shape(mask_shape: tuple) -> tuple:
+    """BlockMap.bits' shape for a mask of shape `mask_shape`: its leading dims, planes, words."""
+    return tuple(int(n) for n in mask_shape[:3]) + (MAP_PLANES, map_words(int(mask_shape[3])))
+
+
 def map_strides(dims: tuple, words: int) -> tuple[int, int, int]:
     """Word strides of a C-ordered map over (batch, head, row) dims `dims` with `words` words per
     plane; 0 along a dim of 1 (one row serves every index there, as a broadcast mask does)."""

@@ -21,7 +21,7 @@ from types import ModuleType
 import numpy
 
 from ._arrays import array_module, is_cupy
-from ._block_map import MAP_PLANES, BlockMap, map_words
+from ._block_map import BlockMap, map_shape
 
 # Limits of the CUDA kernels (tile traits exist for these head dims only).
 GPU_MAX_HEAD_DIM = 256
@@ -326,7 +326,7 @@ def _validate_block_map(block_map, mask, xp: ModuleType) -> None:
     if bits_xp is not xp:
         raise TypeError(f"block_map.bits is a {bits_xp.__name__} array; the other inputs are "
                         f"{xp.__name__} arrays")
-    expected = _shape(mask)[:3] + (MAP_PLANES, map_words(_shape(mask)[3]))
+    expected = map_shape(_shape(mask))
     if _dtype_name(bits) != "uint32" or _shape(bits) != expected or not bits.flags.c_contiguous:
         raise ValueError(f"block_map.bits must be a C-contiguous uint32 array of shape {expected}; "
                          f"got {_dtype_name(bits)} {_shape(bits)}"

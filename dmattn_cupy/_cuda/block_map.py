@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from .._block_map import MAP_PLANES, BlockMap, map_words
+from .._block_map import MAP_PLANES, BlockMap, map_shape, map_words
 from . import compile as nvrtc
 from .operands import aux_operand
 from .params import BLOCK_MAP_PARAMS, new_record, pointer_slots
@@ -61,6 +61,6 @@ def block_map(mask) -> BlockMap:
     shape = tuple(int(n) for n in mask.shape)
     operand = aux_operand(mask, heads=shape[1], kv_heads=shape[1], seqlen_k=shape[3], is_mask=True)
     launch = map_pass(operand, shape[:3], shape[3])
-    bits = cupy.empty(launch.map_elems, dtype=numpy.uint32).reshape(shape[:3] + (MAP_PLANES, -1))
+    bits = cupy.empty(map_shape(shape), dtype=numpy.uint32)
     launch.launch(operand.ptr, bits.data.ptr, cupy.cuda.get_current_stream().ptr)
     return BlockMap(bits, shape)

@@ -10,7 +10,7 @@ import math
 
 import numpy
 
-from .._block_map import MAP_PLANES, BlockMap, map_words
+from .._block_map import MAP_PLANES, BlockMap, map_shape, map_words
 from . import compile as nvrtc
 from . import device
 from .operands import element_strides
@@ -50,7 +50,7 @@ def topk_mask(bias, window: int, causal: bool, block: int | None, mask, with_map
     seqlen_k = int(bias.shape[-1])
     out = cupy.empty(bias.shape, dtype=cupy.bool_)
     words = map_words(seqlen_k)
-    bits = cupy.empty(out.shape[:3] + (MAP_PLANES, words), dtype=numpy.uint32) if with_map else None
+    bits = cupy.empty(map_shape(out.shape), dtype=numpy.uint32) if with_map else None
     result = (out, BlockMap(bits, tuple(out.shape))) if with_map else out
     rows = out.size // seqlen_k
     if rows == 0:

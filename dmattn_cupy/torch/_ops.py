@@ -26,7 +26,7 @@ import numpy
 import torch
 
 import dmattn_cupy
-from dmattn_cupy._block_map import MAP_PLANES, BlockMap, map_words
+from dmattn_cupy._block_map import BlockMap, map_shape
 from dmattn_cupy._validate import validate_attention
 
 from ._bridge import cupy_on_torch, from_numpy, reference_dtype, to_numpy
@@ -86,7 +86,7 @@ def _check_block_map(block_map: Tensor, mask: Optional[Tensor]) -> None:
     if mask is None:
         raise ValueError("block_map describes a mask: pass the mask it was made from as attn_mask; "
                          "got attn_mask=None")
-    expected = tuple(mask.shape[:3]) + (MAP_PLANES, map_words(mask.shape[3]))
+    expected = map_shape(mask.shape)
     if block_map.dtype != torch.int32 or tuple(block_map.shape) != expected or not block_map.is_contiguous():
         raise ValueError(f"block_map must be a contiguous int32 tensor of shape {expected} "
                          f"(dmattn_cupy.torch.block_map(attn_mask)); got {block_map.dtype} "
