@@ -274,7 +274,7 @@ def bench_config(cfg: Config, names, passes, base: dict, timing: dict, progress:
             except Exception as exc:
                 out.append(record(builder, "mask", median_ms=None, error=short_error(exc)))
             free_memory()
-        for p in passes if name != OURS_MAP else ["fwd"]:
+        for p in passes:
             progress.step(f"{cfg.name} {name} {p}")
             fn = impl.fwd if p == "fwd" else impl.fwd_bwd
             rec = record(name, p, mask_density=density if cfg.has_mask else 1.0,

@@ -36,7 +36,8 @@ PEER_NAMES = ("sdpa_flash", "sdpa_cudnn", "sdpa_cudnn_bias", "sdpa_efficient", "
 PEER_FAMILIES = ("sdpa", "flex")
 OURS = "dmattn_cupy"
 #: dmattn_cupy with the mask's BlockMap made once, outside the timed call (dmattn_cupy.block_map),
-#: as FlexAttention's BlockMask is prebuilt: forward only, and only where there is a mask.
+#: as FlexAttention's BlockMask is prebuilt; forward and backward both read it. Only where there
+#: is a mask.
 OURS_MAP = "dmattn_cupy_map"
 OURS_IMPLS = (OURS, OURS_MAP)
 
@@ -259,7 +260,7 @@ def make_ours(inp: Inputs, with_map: bool = False):
     def fwd_bwd():
         out, lse = dm.forward(qc, kc, vc, mc, bc, causal=cfg.causal, return_lse=True,
                               block_map=block_map)
-        return dm.backward(doc, qc, kc, vc, out, lse, mc, bc, causal=cfg.causal)
+        return dm.backward(doc, qc, kc, vc, out, lse, mc, bc, causal=cfg.causal, block_map=block_map)
 
     nbytes = tensor_bytes(inp.q, inp.k, inp.v, inp.bias, inp.mask)
     if not with_map:

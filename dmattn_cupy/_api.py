@@ -55,7 +55,7 @@ def forward(q, k, v, mask=None, bias=None, *, scale=None, causal=False, softcap=
 
 
 def backward(dout, q, k, v, out, lse, mask=None, bias=None, *, scale=None, causal=False,
-             softcap=0.0, deterministic=False):
+             softcap=0.0, deterministic=False, block_map=None):
     """Gradients of forward: (dq, dk, dv, dbias).
 
     Pass the same q, k, v, mask, bias and options as to forward, plus its out and lse.
@@ -65,14 +65,17 @@ def backward(dout, q, k, v, out, lse, mask=None, bias=None, *, scale=None, causa
     bitwise identical run after run: dq is summed in 32-bit fixed point scaled per row (integer
     adds give the same bits in any order; at most a bf16 rounding step from the default's fp32
     sums), and a dbias shared by several kv heads or batches is added in a fixed order. The
-    reference path is always deterministic.
+    reference path is always deterministic. block_map: the mask's BlockMap, as for forward (the
+    same map serves both): the CUDA path then finds each key tile's query tiles from the map's
+    bits rather than from a pass over the mask's column (a 32nd of the bytes).
     """
     problem = validate_attention(q, k, v, mask, bias, scale, causal, softcap)
     validate_backward(dout, out, lse, problem)
     deterministic = require_bool("deterministic", deterministic)
+    validate_block_map(block_map, mask, problem.xp)
     if is_cupy(problem.xp):
         return _cuda_backend().backward(dout, q, k, v, out, lse, mask, bias, problem,
-                                        deterministic)
+                                        deterministic, block_map=block_map)
     return _reference.backward(dout, q, k, v, out, mask, bias, problem)
 
 

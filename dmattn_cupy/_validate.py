@@ -295,7 +295,8 @@ def validate_mask_array(mask) -> ModuleType:
 
 
 def validate_block_map(block_map, mask, xp: ModuleType) -> None:
-    """forward's block_map: a BlockMap made from a mask of this mask's shape, on its device."""
+    """forward's and backward's block_map: a BlockMap made from a mask of this mask's shape, on its
+    device."""
     if block_map is None:
         return
     try:  # as validate_attention: a signature that passed once is not checked again

@@ -17,7 +17,8 @@
 // the pairs (query tile m, query head h of the group) of its query range from the last query tile
 // down (m outer, h inner), visiting only the active ones (causal: tiles whose rows all precede the
 // key tile's diagonal are outside the range; mask: a scan of the key tile's column strip sets one
-// bit per (query tile[, head]) that holds a kept key). For each pair (one step; the products are
+// bit per (query tile[, head]) that holds a kept key; given the mask's block map, of the map's bits
+// of the key tile instead, a 32nd of the bytes). For each pair (one step; the products are
 // bwd_mma.cuh's, mma.sync or, on Hopper at D = 64 and 128, warpgroup MMAs):
 //   S^T = K Q^T and dP^T = V dO^T         16 x kBlockM per warp, K/V as A, Q/dO as B operands
 //   P^T = 2^(s2 - lse2)                   probabilities(): bounds checks only on edge tiles
@@ -342,10 +343,15 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {
     const int words = (mask_slots * m_tiles + 31) / 32;
     for (int i = threadIdx.x; i < words; i += NT) sBits[i] = 0u;
     __syncthreads();
-    scan_mask_rows<MASK_BYTES, BN, BM, NT, CAUSAL>(
-        sBits, sc.batch[2] + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
-        a.mask_stride[1] * MASK_BYTES, mask_slots, a.mask_stride, n0, m_lo, m_hi, m_tiles, Sq, Sk,
-        a.mask_vec);
+    static_assert(kMapKeys % BN == 0, "a key tile lies in one tile of the block map");
+    if (a.block_map != nullptr)
+      scan_map_rows<BM, NT>(sBits, a.block_map + b * a.map_stride[0] + (h_first / a.mask_head_div) * a.map_stride[1],
+                            a.map_stride[1], mask_slots, a.map_stride[2], n0 / kMapKeys, m_lo, m_hi, m_tiles, Sq);
+    else
+      scan_mask_rows<MASK_BYTES, BN, BM, NT, CAUSAL>(
+          sBits, sc.batch[2] + (h_first / a.mask_head_div) * a.mask_stride[1] * MASK_BYTES,
+          a.mask_stride[1] * MASK_BYTES, mask_slots, a.mask_stride, n0, m_lo, m_hi, m_tiles, Sq, Sk,
+          a.mask_vec);
     __syncthreads();
   }
   auto active = [&](int pr) -> bool {

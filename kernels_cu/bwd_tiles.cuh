@@ -1,7 +1,8 @@
 // bwd_tiles.cuh — what only the backward needs: tile shapes per head dim, the transposed mask scan
-// (which query tiles can see one key tile), the dQ reduction into global memory, and deterministic
+// (which query tiles can see one key tile: from the mask, or from its block map), the dQ reduction into global memory, and deterministic
 // mode's fixed-point dQ and ordered dbias turns.
 #pragma once
+#include "block_map.cuh"
 #include "mask.cuh"
 
 namespace dmattn {
@@ -172,6 +173,52 @@ __device__ void scan_mask_rows(u32* bits, const unsigned char* base, i64 slot_st
           atomicOr(&bits[(bit[u] + m) >> 5], 1u << ((bit[u] + m) & 31));
       } else {
         atomicOr(&bits[bit[u] >> 5], 1u << (bit[u] & 31));
+      }
+    }
+  }
+}
+
+// scan_mask_rows' bits from the mask's block map (block_map.cuh) instead of the mask: one `any`
+// word per row, a 32nd of the bytes of a 128-key tile of a bool mask. `map` points at the slot-0
+// head's rows of batch b; slot_stride and row_stride are in words (row_stride 0: one row for every
+// query tile). The map's key tile `map_tile` holds the backward's key tile (kMapKeys is a multiple
+// of BLOCK_N); a map bit stands for every key of its tile and may count causally hidden ones, so
+// the bits are a superset of the mask scan's: a query tile set only by hidden keys is computed,
+// with every probability zero. Rows go to lanes in order: each run of min(32, BLOCK_M) lanes holds
+// rows of one query tile (one ballot per warp, one atomic per run).
+template <int BLOCK_M, int THREADS>
+__device__ void scan_map_rows(u32* bits, const u32* map, i64 slot_stride, int slots, i64 row_stride,
+                              int map_tile, int m_lo, int m_hi, int m_tiles, int seqlen_q) {
+  constexpr int kRun = BLOCK_M < 32 ? BLOCK_M : 32;  // lanes of one query tile
+  static_assert(32 % kRun == 0 && BLOCK_M % kRun == 0 && THREADS % 32 == 0, "whole runs per warp");
+  const u32* any = map + map_tile / 32;
+  const u32 tile_bit = 1u << (map_tile % 32);
+  if (row_stride == 0) {  // one row: its bit decides every query tile of the slot
+    for (int i = threadIdx.x; i < slots * (m_hi - m_lo); i += THREADS) {
+      const int slot = i / (m_hi - m_lo), bit = slot * m_tiles + m_lo + i % (m_hi - m_lo);
+      if (any[slot * slot_stride] & tile_bit) atomicOr(&bits[bit >> 5], 1u << (bit & 31));
+    }
+    return;
+  }
+  const int row_begin = m_lo * BLOCK_M, span = (m_hi - m_lo) * BLOCK_M, items = slots * span;
+  const int lane = threadIdx.x % 32;
+  constexpr int kBatch = 4;  // loads in flight per thread (the scan is latency-bound)
+#pragma unroll 1
+  for (int first = threadIdx.x - lane; first < items; first += kBatch * THREADS) {  // warp-uniform
+    u32 word[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int item = first + u * THREADS + lane, row = row_begin + item % span;
+      word[u] = item < items && row < seqlen_q ? any[item / span * slot_stride + row * row_stride] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const u32 kept = __ballot_sync(0xffffffffu, word[u] & tile_bit);
+      const int run = first + u * THREADS + lane * kRun;  // lane r < 32 / kRun: the r-th run's first item
+      const u32 run_kept = kRun == 32 ? kept : (kept >> (lane * kRun)) & ((1u << kRun) - 1u);
+      if (lane < 32 / kRun && run_kept) {
+        const int bit = run / span * m_tiles + (row_begin + run % span) / BLOCK_M;
+        atomicOr(&bits[bit >> 5], 1u << (bit & 31));
       }
     }
   }

@@ -13,11 +13,14 @@ struct AttnParams {
   const void* v;           // (B, Sk, Hk, D)
   const void* mask;        // (B|1, H|Hk|1, Sq|1, Sk) or null
   const void* bias;        // (B|1, H|Hk|1, Sq|1, Sk) or null
+  const u32* block_map;    // or null: the mask's block map (block_map.cuh: two bits per mask row and
+                           // 128-key tile), given by the caller or, in fwd_ws_kernel's call, written by it
   i64 q_stride[3];         // batch, row, head
   i64 k_stride[3];
   i64 v_stride[3];
   i64 mask_stride[4];      // batch, head, row, key
   i64 bias_stride[4];
+  i64 map_stride[3];       // words per batch, mask head, row of block_map; 0 where the map has one
   int batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
   int group;               // heads / kv_heads: query head h reads kv head h / group
   int mask_head_div;       // query head h reads mask head h / mask_head_div
@@ -28,7 +31,7 @@ struct AttnParams {
   float scale;             // multiplies q.k
   float scale_log2;        // scale * log2(e)
   float softcap;           // > 0: s = softcap * tanh(s / softcap)
-  int pad0;
+  int map_words;           // words per row and plane of block_map, ceil(key tiles / 32)
 };
 
 // Element offset of row `row` (rows in (batch, head, seq) order, as lse and the one-warp-per-row
@@ -58,16 +61,12 @@ struct FwdParams {
                            // decode kernel: batches of live keys)
   u32* arrivals;           // zero between calls. Decode kernel: splits finished per (batch, kv head);
                            // fwd_ws_kernel: {next work item, CTAs finished}
-  const u32* block_map;    // fwd_ws_kernel with a mask: the mask's block map (block_map.cuh: two bits
-                           // per mask row and 128-key tile), given by the caller or written by the call
-  i64 map_stride[3];       // words per batch, mask head, row of block_map; 0 where the map has one
   int num_splits;          // key-range splits (blockIdx.z; the decode kernel: blockIdx.x)
   int tiles_per_split;     // key tiles per split
   int stages;              // key tiles in flight: 2 or 3 (as many as two CTAs per SM can hold)
   int keys_per_split;      // decode kernel: keys per split
   int m_blocks;            // fwd_ws_kernel: query tiles per row group
   int row_groups;          // fwd_ws_kernel: (batch, pack of heads) groups, B * H / pack
-  int map_words;           // fwd_ws_kernel: words per row and plane of block_map, ceil(key tiles / 32)
 };
 
 struct BwdParams {

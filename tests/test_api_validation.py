@@ -237,23 +237,31 @@ def test_block_map_input(mask):
         dmattn_cupy.block_map(mask)
 
 
-def test_forward_block_map_must_be_a_block_map():
-    forward_error(TypeError, "^block_map must be a dmattn_cupy.BlockMap", mask=_mask(), block_map=np.zeros(3))
+def _map_error(call):
+    """forward or backward (both take the mask's map and check it alike), as forward_error."""
+    return forward_error if call == "forward" else backward_error
 
 
-def test_forward_block_map_needs_its_mask():
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_block_map_must_be_a_block_map(call):
+    _map_error(call)(TypeError, "^block_map must be a dmattn_cupy.BlockMap", mask=_mask(), block_map=np.zeros(3))
+
+
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_block_map_needs_its_mask(call):
     block_map = dmattn_cupy.block_map(_mask())
-    forward_error(ValueError, "^block_map describes a mask", block_map=block_map)
-    forward_error(ValueError, r"^block_map was made from a mask of shape \(2, 2, 5, 7\); got mask shape "
-                  r"\(2, 1, 5, 7\)", mask=_mask((B, 1, SQ, SK)), block_map=block_map)
+    _map_error(call)(ValueError, "^block_map describes a mask", block_map=block_map)
+    _map_error(call)(ValueError, r"^block_map was made from a mask of shape \(2, 2, 5, 7\); got mask shape "
+                     r"\(2, 1, 5, 7\)", mask=_mask((B, 1, SQ, SK)), block_map=block_map)
 
 
+@pytest.mark.parametrize("call", ["forward", "backward"])
 @pytest.mark.parametrize("bits", [np.zeros((2, 2, 5, 2, 1), dtype=np.int32), np.zeros((2, 2, 5, 1), dtype=np.uint32),
                                   np.zeros((2, 2, 5, 2, 2), dtype=np.uint32)[..., :1]])
-def test_forward_block_map_bits(bits):
+def test_block_map_bits(bits, call):
     block_map = dmattn_cupy.BlockMap(bits, (B, HK, SQ, SK))
-    forward_error(ValueError, r"^block_map.bits must be a C-contiguous uint32 array of shape \(2, 2, 5, 2, 1\)",
-                  mask=_mask(), block_map=block_map)
+    _map_error(call)(ValueError, r"^block_map.bits must be a C-contiguous uint32 array of shape \(2, 2, 5, 2, 1\)",
+                     mask=_mask(), block_map=block_map)
 
 
 def test_a_checked_block_map_does_not_let_a_bad_one_through():

@@ -73,6 +73,22 @@ def test_forward_with_a_block_map_is_the_same_function():
                                                       block_map=dmattn_cupy.block_map(mask)), out)
 
 
+def test_backward_with_a_block_map_is_the_same_function():
+    """backward takes the forward's map; on the NumPy path it changes nothing."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((1, 30, 4, 16))
+    k, v = rng.standard_normal((2, 1, 300, 2, 16))
+    mask = rng.random((1, 2, 30, 300)) < 0.1
+    bias = rng.standard_normal((1, 2, 30, 300))
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=True, return_lse=True)
+    dout = rng.standard_normal(out.shape)
+    want = dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, causal=True)
+    got = dmattn_cupy.backward(dout, q, k, v, out, lse, mask, bias, causal=True,
+                               block_map=dmattn_cupy.block_map(mask))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_map_strides_skip_broadcast_dims():
     assert map_strides((2, 4, 100), 3) == (2400, 600, 6)  # two planes of 3 words per row
     assert map_strides((1, 4, 1), 2) == (0, 4, 0)

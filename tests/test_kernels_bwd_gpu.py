@@ -319,6 +319,55 @@ def test_skipping_follows_the_mask():
     check_backward(q, k, v, half, bias)
 
 
+def _block_mask(shape, seqlen_q, seqlen_k):
+    """Whole 128-key tiles kept per 16-row block (some rows' tiles empty, others full), holes
+    sprinkled in: tiles empty, partial and full for a row, in the given (B|1, H|1, Sq|1, Sk) shape."""
+    rows = shape[2]
+    blocks = cupy.random.random((*shape[:2], -(-rows // 16), -(-seqlen_k // 128))) < 0.4
+    mask = blocks.repeat(16, axis=2).repeat(128, axis=3)[:, :, :rows, :seqlen_k]
+    return mask & (cupy.random.random(mask.shape) < 0.9)
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hk,D,mask_shape,causal", [
+    (2, 300, 300, 4, 2, 64, (2, 2, 300, 300), True),       # a mask head per kv head
+    (2, 300, 300, 4, 2, 128, (2, 4, 300, 300), False),     # per query head: a bit slot per head
+    (1, 200, 700, 4, 2, 128, (1, 1, 200, 700), True),      # Sq < Sk, one mask for every head
+    (2, 300, 300, 4, 2, 256, (2, 1, 300, 300), True),      # 16-row query tiles, 64-key key tiles
+    (2, 129, 500, 4, 2, 96, (2, 2, 1, 500), False),        # one mask row: a map row for all
+    (1, 1100, 1100, 4, 1, 64, (1, 4, 1100, 1100), True),   # key tiles cut into query chunks
+])
+def test_block_map_finds_the_same_query_tiles(B, Sq, Sk, H, Hk, D, mask_shape, causal):
+    """backward(..., block_map=) reads the map's bits of each key tile instead of the mask's
+    column: the deterministic gradients equal those of the mask's own scan and are right against
+    float64, and the steps computed are the scan's (the map counts whole 128-key tiles and keys
+    hidden by causality, so a 64-key tile or a causal call may add tiles whose probabilities are
+    all zero, never drop one)."""
+    from dmattn_cupy._cuda.backward import backward as cuda_backward
+    from dmattn_cupy._validate import validate_attention
+
+    q, k, v, _, bias = make_inputs(B, Sq, Sk, H, Hk, D, "bfloat16", None, (B, Hk, Sq, Sk))
+    mask = _block_mask(mask_shape, Sq, Sk)
+    block_map = dmattn_cupy.block_map(mask)
+    out, lse = dmattn_cupy.forward(q, k, v, mask, bias, causal=causal, return_lse=True)
+    dout = randn(q.shape, q.dtype)
+    problem = validate_attention(q, k, v, mask, bias, None, causal, 0.0)
+
+    def run(bm):
+        counter = cupy.zeros(1, dtype=numpy.uint64)
+        poison_pool()
+        grads = cuda_backward(dout, q, k, v, out, lse, mask, bias, problem, True, bm, tiles_visited=counter)
+        return grads, int(counter.get()[0])
+
+    (grads, steps), (plain, plain_steps) = run(block_map), run(None)
+    for name, a, b in zip(NAMES, grads, plain):  # values: an added tile's dbias zeros may be -0
+        assert bool((a == b).all()), name
+    exact = D <= 128 and not causal
+    assert steps == plain_steps if exact else plain_steps <= steps, (steps, plain_steps)
+    want = ref.backward(dout, q, k, v, mask, bias, causal=causal)
+    for name, got, exp in zip(NAMES, grads, want):
+        assert rel_err(got, exp) <= TOL["bfloat16"], name
+
+
 def test_runs_on_current_stream():
     q, k, v, mask, bias = make_inputs(1, 256, 256, 2, 1, 64, "bfloat16", (1, 1, 256, 256), (1, 1, 256, 256))
     stream = cupy.cuda.Stream(non_blocking=True)

@@ -363,6 +363,15 @@ def test_opcheck_forward_op():
                           (q, k, v, mask, bias, 0.4, True, 0.0, False, dmt.block_map(mask)))
 
 
+def test_opcheck_backward_op_with_block_map():
+    q, k, v = make_inputs(batch=2, heads=4, kv_heads=2)
+    bias, mask = rand((2, 2, 1, 4)), rand_mask((1, 1, 3, 4))
+    out, lse = torch.ops.dmattn_cupy.fwd(q, k, v, mask, bias, 0.4, True, 0.0, False)
+    torch.library.opcheck(torch.ops.dmattn_cupy.bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, mask, bias, 0.4, True, 0.0, False,
+                           dmt.block_map(mask)))
+
+
 class TinyAttention(torch.nn.Module):
     """Projections, a learnable (1, H, S, S) bias and GQA heads: what a model layer does."""
 

@@ -86,6 +86,7 @@ def backend_spy(monkeypatch):
 
     def spy_backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, **kwargs):
         describe("bwd_", dout=dout, q=q, k=k, v=v, out=out, lse=lse, mask=mask, bias=bias)
+        seen["bwd_block_map"] = kwargs.get("block_map")
         return backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, **kwargs)
 
     monkeypatch.setattr(backend, "forward", spy_forward)
@@ -185,6 +186,8 @@ def test_runs_on_torchs_current_stream(backend_spy):
 
 
 def test_block_map_reaches_the_kernels_in_place_and_changes_nothing(backend_spy):
+    """The map reaches forward and backward in place; outputs and (deterministic) gradients are
+    bitwise those of the call without it."""
     cupy = pytest.importorskip("cupy")
     import dmattn_cupy
     batch, heads, kv_heads, seqlen, head_dim = 2, 8, 2, 1000, 128
@@ -209,10 +212,11 @@ def test_block_map_reaches_the_kernels_in_place_and_changes_nothing(backend_spy)
         return out, [t.grad for t in leaves]
 
     out, grads = run(bm)
-    seen = backend_spy["fwd_block_map"]
-    assert isinstance(seen, dmattn_cupy.BlockMap) and seen.bits.data.ptr == bm.data_ptr()
+    for call in ("fwd", "bwd"):  # the same map, in place, for both
+        seen = backend_spy[f"{call}_block_map"]
+        assert isinstance(seen, dmattn_cupy.BlockMap) and seen.bits.data.ptr == bm.data_ptr(), call
     out_plain, grads_plain = run(None)
-    assert backend_spy["fwd_block_map"] is None
+    assert backend_spy["fwd_block_map"] is None and backend_spy["bwd_block_map"] is None
     torch.testing.assert_close(out, out_plain, rtol=0, atol=0)
     for got, want in zip(grads, grads_plain):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -22,6 +22,7 @@ import math
 
 import numpy
 
+from .._block_map import map_strides, map_words
 from . import compile as nvrtc
 from . import device
 from .bwd_config import THREADS, bwd_config
@@ -31,8 +32,9 @@ from .operands import aux_operand, element_strides, qkv_operand
 from .params import BWD_PARAMS, new_record
 
 
-def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, tiles_visited=None):
-    """See dmattn_cupy.backward. `tiles_visited` (uint64 cupy array of 1) counts the
+def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, block_map=None, *,
+             tiles_visited=None):
+    """See dmattn_cupy.backward (block_map: validated there). `tiles_visited` (uint64 cupy array of 1) counts the
     (query tile x head) steps the dK/dV kernel computed, summed over key tiles."""
     import cupy
 
@@ -90,6 +92,10 @@ def backward(dout, q, k, v, out, lse, mask, bias, problem, deterministic, *, til
 
     rec = new_record(BWD_PARAMS)
     fill_attn(rec, problem, q, k, v, m, b, 1)
+    if block_map is not None:  # the key tiles' query tiles from the map's bits, not the mask's bytes
+        a, words = rec["a"], map_words(Sk)
+        a["block_map"], a["map_words"] = block_map.bits.data.ptr, words
+        a["map_stride"] = map_strides(tuple(mask.shape[:3]), words)
     rec["out"], rec["dout"] = out.data.ptr, dout.data.ptr
     rec["o_stride"] = element_strides(out)[:3]
     rec["do_stride"] = element_strides(dout)[:3]

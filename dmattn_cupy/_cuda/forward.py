@@ -26,7 +26,7 @@ from .tma import bshd_tensor_map
 _INPUTS = pointer_slots(FWD_PARAMS, "a.q", "a.k", "a.v", "a.mask", "a.bias")
 assert _INPUTS == tuple(range(_INPUTS[0], _INPUTS[0] + 5))  # one slice store per call
 _OUT, _LSE, _O_SPLIT, _LSE_SPLIT, _TILES_VISITED, _ARRIVALS, _BLOCK_MAP = pointer_slots(
-    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "block_map")
+    FWD_PARAMS, "out", "lse", "o_split", "lse_split", "tiles_visited", "arrivals", "a.block_map")
 _Q_MAP, _K_MAP, _V_MAP = (FWD_PARAMS.fields[name][1] // 8 for name in ("q_map", "k_map", "v_map"))
 
 
@@ -147,13 +147,13 @@ def _plan(q, k, v, mask, bias, problem, capability: int, sm_count: int, choice: 
     if reads_map:
         # The caller's map has the mask's shape; the one made here has a row per distinct mask row
         # (one along a broadcast or expanded dim) and reads only the keys the call's rows see.
-        rec["map_words"] = words = map_words(Sk)
+        rec["a"]["map_words"] = words = map_words(Sk)
         if given_map:
             dims = tuple(mask.shape[:3])
         else:
             dims = tuple(n if s else 1 for n, s in zip(m.array.shape[:3], m.strides[:3]))
             prepass = map_pass(m, dims, Sk, Sq if problem.causal else 0)
-        rec["map_stride"] = map_strides(dims, words)
+        rec["a"]["map_stride"] = map_strides(dims, words)
     items = cfg.m_blocks * B * H // cfg.pack * cfg.num_splits
     # fwd_ws is persistent: a CTA per multiprocessor (at most one per item) takes items from a counter
     grid = (min(items, sm_count), 1, 1) if wide else (cfg.m_blocks, B * H // cfg.pack, cfg.num_splits)

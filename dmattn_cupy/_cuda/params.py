@@ -16,14 +16,14 @@ _F32 = numpy.float32
 
 ATTN_PARAMS = numpy.dtype(
     [
-        ("q", _PTR), ("k", _PTR), ("v", _PTR), ("mask", _PTR), ("bias", _PTR),
+        ("q", _PTR), ("k", _PTR), ("v", _PTR), ("mask", _PTR), ("bias", _PTR), ("block_map", _PTR),
         ("q_stride", _I64, (3,)), ("k_stride", _I64, (3,)), ("v_stride", _I64, (3,)),
-        ("mask_stride", _I64, (4,)), ("bias_stride", _I64, (4,)),
+        ("mask_stride", _I64, (4,)), ("bias_stride", _I64, (4,)), ("map_stride", _I64, (3,)),
         ("batch", _I32), ("heads", _I32), ("kv_heads", _I32),
         ("seqlen_q", _I32), ("seqlen_k", _I32), ("head_dim", _I32),
         ("group", _I32), ("mask_head_div", _I32), ("bias_head_div", _I32), ("pack", _I32),
         ("mask_vec", _I32), ("bias_vec", _I32),
-        ("scale", _F32), ("scale_log2", _F32), ("softcap", _F32), ("pad0", _I32),
+        ("scale", _F32), ("scale_log2", _F32), ("softcap", _F32), ("map_words", _I32),
     ],
     align=True,
 )
@@ -48,9 +48,8 @@ FWD_PARAMS = _padded(numpy.dtype(
         ("a", ATTN_PARAMS),
         ("out", _PTR), ("o_stride", _I64, (3,)), ("lse", _PTR),
         ("o_split", _PTR), ("lse_split", _PTR), ("tiles_visited", _PTR), ("arrivals", _PTR),
-        ("block_map", _PTR), ("map_stride", _I64, (3,)),
         ("num_splits", _I32), ("tiles_per_split", _I32), ("stages", _I32), ("keys_per_split", _I32),
-        ("m_blocks", _I32), ("row_groups", _I32), ("map_words", _I32),
+        ("m_blocks", _I32), ("row_groups", _I32),
     ],
     align=True,
 ), 64)

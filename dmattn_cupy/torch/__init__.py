@@ -18,7 +18,8 @@ and converted back), autograd included, so models and tests run without a GPU.
 
 A mask used by several calls (every layer of a step) can bring its block map, made once:
 ``bm = block_map(mask)``, then ``flash_dmattn_func(..., attn_mask=mask, block_map=bm)``; the
-CUDA forward then skips the mask's empty tiles without reading the mask first (dmattn_cupy.BlockMap).
+CUDA forward then skips the mask's empty tiles without reading the mask first, and the backward
+finds them from the map too (dmattn_cupy.BlockMap).
 
 Everything goes through the custom ops ``torch.ops.dmattn_cupy.fwd`` / ``.bwd``, so
 ``torch.compile(model, fullgraph=True)`` traces through without graph breaks.
@@ -151,7 +152,8 @@ def block_map(mask: torch.Tensor) -> torch.Tensor:
     (two bits per mask row and 128-key tile: a kept key, every key kept) as an int32 tensor of its
     uint32 words, shape mask.shape[:3] + (2, ceil(ceil(Sk / 128) / 32)), on the mask's device.
     One pass over the mask (gqa8k's bool mask, 540 MB: ~0.19 ms on an H100); each forward call
-    given it skips the pass it would make over the mask's causal part."""
+    given it skips the pass it would make over the mask's causal part, and its backward reads the
+    map's bits of each key tile rather than the mask's column."""
     return mask_block_map(mask)
 
 

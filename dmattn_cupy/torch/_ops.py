@@ -7,14 +7,15 @@ fullgraph=True)`` traces through them without graph breaks, and ``register_autog
 them together:
 
     fwd(q, k, v, mask, bias, scale, causal, softcap, deterministic, block_map=None) -> (out, lse)
-    bwd(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic)
-        -> (dq, dk, dv, dbias)          dbias is an empty (0,) tensor when bias is None
+    bwd(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic,
+        block_map=None) -> (dq, dk, dv, dbias)          dbias is an empty (0,) tensor when bias is None
 
 Outputs are always fresh contiguous tensors (never views of inputs): out (B, Sq, H, D) in q's
 dtype, lse (B, H, Sq) float32 (float64 for float64 input), dq/dk/dv in the shape and dtype of
 q/k/v, dbias in the bias's own shape and dtype. lse is not differentiable; the mask gets no
 gradient. block_map is the mask's block map (``mask_block_map``), made once and passed with the
-mask: the CUDA forward then skips tiles without reading the mask first.
+mask: the CUDA forward then skips tiles without reading the mask first, and the backward finds
+each key tile's query tiles from the map's bits rather than from the mask's column.
 
 This module deliberately avoids ``from __future__ import annotations``: custom_op reads the
 schema (``Optional[Tensor]`` for mask and bias) from real annotations.
@@ -113,13 +114,14 @@ def _cpu_forward(q, k, v, mask, bias, scale, causal, softcap, block_map):
     return from_numpy(out, q.dtype), from_numpy(lse, lse_dtype(q))
 
 
-def _cpu_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic):
+def _cpu_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic,
+                  block_map):
     dtype = reference_dtype(q.dtype)
     dq, dk, dv, dbias = dmattn_cupy.backward(
         to_numpy(dout, dtype), to_numpy(q, dtype), to_numpy(k, dtype), to_numpy(v, dtype),
         to_numpy(out, dtype), to_numpy(lse, lse_dtype(q)), to_numpy(mask),
         to_numpy(bias, dtype), scale=scale, causal=causal, softcap=softcap,
-        deterministic=deterministic)
+        deterministic=deterministic, block_map=_as_block_map(block_map, mask, to_numpy))
     return (from_numpy(dq, q.dtype), from_numpy(dk, k.dtype), from_numpy(dv, v.dtype),
             None if dbias is None else from_numpy(dbias, bias.dtype))
 
@@ -153,14 +155,16 @@ def _cuda_forward(q, k, v, mask, bias, scale, causal, softcap, block_map):
         return ctx.to_torch(out).contiguous(), ctx.to_torch(lse).contiguous()
 
 
-def _cuda_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic):
+def _cuda_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap, deterministic,
+                   block_map):
     bias_dtype = None if bias is None else bias.dtype
     q, k, v, mask, bias = _cuda_operands(q, k, v, mask, bias)
     dout, out = _unit_last_stride(dout.to(q.dtype)), _unit_last_stride(out)
     with cupy_on_torch(q.device) as ctx:
         grads = dmattn_cupy.backward(
             *(ctx.to_cupy(t) for t in (dout, q, k, v, out, lse, mask, bias)), scale=scale,
-            causal=causal, softcap=softcap, deterministic=deterministic)
+            causal=causal, softcap=softcap, deterministic=deterministic,
+            block_map=_as_block_map(block_map, mask, ctx.to_cupy))
         dq, dk, dv, dbias = (None if g is None else ctx.to_torch(g).contiguous() for g in grads)
     if dbias is not None:
         dbias = dbias.to(bias_dtype)
@@ -211,32 +215,32 @@ def _attention_fwd_fake(q, k, v, mask, bias, scale, causal, softcap, determinist
 @torch.library.custom_op("dmattn_cupy::bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask: Optional[Tensor], bias: Optional[Tensor], scale: float, causal: bool,
-                  softcap: float, deterministic: bool
+                  softcap: float, deterministic: bool, block_map: Optional[Tensor] = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = _cuda_backward if q.is_cuda else _cpu_backward
     dq, dk, dv, dbias = run(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap,
-                            deterministic)
+                            deterministic, block_map)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap,
-                        deterministic):
+                        deterministic, block_map=None):
     dbias = q.new_empty(0) if bias is None else bias.new_empty(bias.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, scale, causal, softcap, deterministic, _ = inputs
+    q, k, v, mask, bias, scale, causal, softcap, deterministic, block_map = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, bias, out, lse)
+    ctx.save_for_backward(q, k, v, mask, bias, out, lse, block_map)
     ctx.options = (scale, causal, softcap, deterministic)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, mask, bias, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = attention_bwd(dout, q, k, v, out, lse, mask, bias, *ctx.options)
+    q, k, v, mask, bias, out, lse, block_map = ctx.saved_tensors
+    dq, dk, dv, dbias = attention_bwd(dout, q, k, v, out, lse, mask, bias, *ctx.options, block_map)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None,
             dbias if bias is not None and need[4] else None, None, None, None, None, None)
