@@ -288,6 +288,11 @@ def markdown(records: list[dict]) -> str:
             lines += [f"### {title}", "", "| config | target | measured | met |", "|---|---|---|---|"]
             lines += [f"| {c} | {t} | {m} | {'—' if ok is None else '✓' if ok else '✗'} |"
                       for c, t, m, ok in rows]
+            if any(c.endswith(" + BlockMap") for c, _, _, _ in rows):
+                lines += ["", "Rows without \"+ BlockMap\" give the mask alone: every call finds the "
+                          "tiles to skip by reading the whole mask, the work that flex's times leave to "
+                          "its prebuilt BlockMask (flex_build pays it); \"+ BlockMap\" rows compare "
+                          "prebuilt to prebuilt."]
             lines.append("")
     # peak memory
     mem_rows = []

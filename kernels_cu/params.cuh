@@ -14,7 +14,8 @@ struct AttnParams {
   const void* mask;        // (B|1, H|Hk|1, Sq|1, Sk) or null
   const void* bias;        // (B|1, H|Hk|1, Sq|1, Sk) or null
   const u32* block_map;    // or null: the mask's block map (block_map.cuh: two bits per mask row and
-                           // 128-key tile), given by the caller or, in fwd_ws_kernel's call, written by it
+                           // 128-key tile), the caller's; a forward call to fwd_ws_kernel without
+                           // one writes its own first (backward without one scans the mask)
   i64 q_stride[3];         // batch, row, head
   i64 k_stride[3];
   i64 v_stride[3];
