@@ -1,6 +1,6 @@
 // bwd_tiles.cuh — what only the backward needs: tile shapes per head dim, the transposed mask scan
-// (which query tiles can see one key tile: from the mask, or from its block map), the dQ reduction into global memory, and deterministic
-// mode's fixed-point dQ and ordered dbias turns.
+// (which query tiles can see one key tile: from the mask, or from its block map), the dQ reduction
+// into global memory, and deterministic mode's fixed-point dQ and ordered dbias turns.
 #pragma once
 #include "block_map.cuh"
 #include "mask.cuh"

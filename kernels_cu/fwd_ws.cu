@@ -123,7 +123,8 @@ __device__ __forceinline__ int ws_map_rows(const FwdParams& p, const Block& blk)
 }
 template <typename Block>
 __device__ __forceinline__ const u32* ws_map_row0(const FwdParams& p, const Block& blk) {
-  return p.a.block_map + blk.b * p.a.map_stride[0] + blk.h0 / p.a.mask_head_div * p.a.map_stride[1] + blk.m0 * p.a.map_stride[2];
+  const AttnParams& a = p.a;
+  return a.block_map + blk.b * a.map_stride[0] + blk.h0 / a.mask_head_div * a.map_stride[1] + blk.m0 * a.map_stride[2];
 }
 
 template <typename T, int HEAD_DIM, int MASK_BYTES, int BIAS_BYTES, bool CAUSAL, bool SOFTCAP>
@@ -255,9 +256,9 @@ __global__ void __launch_bounds__(WsFwdTraits::kThreads, 1) fwd_ws_kernel(const 
               const int t = blk.t_begin + 32 * w[j], left = tiles - 32 * w[j];  // t < t_end: inside the row
               word[j] = MapWord{0u, 0u};
               if (u < pairs && left > 0) {
-                const u32* row = map + r * p.a.map_stride[2];
+                const u32* row = map + r * a.map_stride[2];
                 const u32 keep = left >= 32 ? ~0u : (1u << left) - 1;
-                word[j] = MapWord{map_span(row, t, p.a.map_words) & keep, map_span(row + p.a.map_words, t, p.a.map_words) & keep};
+                word[j] = MapWord{map_span(row, t, a.map_words) & keep, map_span(row + a.map_words, t, a.map_words) & keep};
               }
             }
 #pragma unroll
